@@ -436,7 +436,9 @@ class TrafficSpec(_message.Message):
     max_streams_per_connection: _builtins.int
     """Calls in flight per client connection, 0-10000; 0 means not limited."""
     max_queue_size: _builtins.int
-    """Calls waiting for a slot, 0-100000; beyond it calls fail with QUEUE_FULL. Default 100."""
+    """Calls waiting for a slot, 0-100000; beyond it calls fail with QUEUE_FULL. Unset means
+    100; 0 means no queue (a call that finds no free slot fails at once).
+    """
     rate_limit_per_second: _builtins.float
     """Token-bucket rate limit in calls per second; 0 means no limit. At most 1000000."""
     rate_limit_burst: _builtins.int
@@ -450,16 +452,18 @@ class TrafficSpec(_message.Message):
         *,
         max_request_concurrency: _builtins.int = ...,
         max_streams_per_connection: _builtins.int = ...,
-        max_queue_size: _builtins.int = ...,
+        max_queue_size: _builtins.int | None = ...,
         queue_timeout: _duration_pb2.Duration | None = ...,
         rate_limit_per_second: _builtins.float = ...,
         rate_limit_burst: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["queue_timeout", b"queue_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_queue_size", b"_max_queue_size", "max_queue_size", b"max_queue_size", "queue_timeout", b"queue_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_queue_size", b"max_queue_size", "max_request_concurrency", b"max_request_concurrency", "max_streams_per_connection", b"max_streams_per_connection", "queue_timeout", b"queue_timeout", "rate_limit_burst", b"rate_limit_burst", "rate_limit_per_second", b"rate_limit_per_second"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_queue_size", b"_max_queue_size", "max_queue_size", b"max_queue_size", "max_request_concurrency", b"max_request_concurrency", "max_streams_per_connection", b"max_streams_per_connection", "queue_timeout", b"queue_timeout", "rate_limit_burst", b"rate_limit_burst", "rate_limit_per_second", b"rate_limit_per_second"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_queue_size: _TypeAlias = _typing.Literal["max_queue_size"]  # noqa: Y015
+    _WhichOneofArgType__max_queue_size: _TypeAlias = _typing.Literal["_max_queue_size", b"_max_queue_size"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_queue_size) -> _WhichOneofReturnType__max_queue_size | None: ...
 
 Global___TrafficSpec: _TypeAlias = TrafficSpec  # noqa: Y015
 
@@ -642,7 +646,7 @@ class RolloutSpec(_message.Message):
     MAX_SURGE_PERCENT_FIELD_NUMBER: _builtins.int
     MAX_UNAVAILABLE_PERCENT_FIELD_NUMBER: _builtins.int
     max_surge_percent: _builtins.int
-    """Extra instances allowed during an update, 0-100 percent. Default 25."""
+    """Extra instances allowed during an update, 0-100 percent. Unset means 25."""
     max_unavailable_percent: _builtins.int
     """Instances that may be unavailable during an update, 0-100 percent. Default 0. Surge and
     unavailable cannot both be 0.
@@ -650,14 +654,16 @@ class RolloutSpec(_message.Message):
     def __init__(
         self,
         *,
-        max_surge_percent: _builtins.int = ...,
+        max_surge_percent: _builtins.int | None = ...,
         max_unavailable_percent: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_surge_percent", b"_max_surge_percent", "max_surge_percent", b"max_surge_percent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_surge_percent", b"max_surge_percent", "max_unavailable_percent", b"max_unavailable_percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_surge_percent", b"_max_surge_percent", "max_surge_percent", b"max_surge_percent", "max_unavailable_percent", b"max_unavailable_percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_surge_percent: _TypeAlias = _typing.Literal["max_surge_percent"]  # noqa: Y015
+    _WhichOneofArgType__max_surge_percent: _TypeAlias = _typing.Literal["_max_surge_percent", b"_max_surge_percent"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_surge_percent) -> _WhichOneofReturnType__max_surge_percent | None: ...
 
 Global___RolloutSpec: _TypeAlias = RolloutSpec  # noqa: Y015
 
