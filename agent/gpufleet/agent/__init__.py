@@ -1,0 +1,1 @@
+"""Node agent: GPU probe, instance runtime, connection to the control plane."""

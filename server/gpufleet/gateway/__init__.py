@@ -1,0 +1,1 @@
+"""Data plane: admission, routing, queueing and the gRPC gateway."""

@@ -1,0 +1,1 @@
+"""Control plane: API servicers, store, scheduler, reconciler."""
