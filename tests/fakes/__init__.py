@@ -1,0 +1,1 @@
+"""Test doubles at the system boundaries that tests cannot have for real (the GPU driver)."""
