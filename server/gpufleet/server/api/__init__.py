@@ -1,0 +1,1 @@
+"""gRPC surface of the control plane: servicers, interceptors, error mapping."""

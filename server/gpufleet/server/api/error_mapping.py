@@ -1,0 +1,165 @@
+"""The one place where exceptions become gRPC statuses.
+
+Domain errors (gpufleet.server.errors) are answered with their gRPC code, a
+google.rpc.ErrorInfo (reason, domain "gpufleet.dev", metadata) and, for InvalidArgument, a
+google.rpc.BadRequest listing every field violation; all of it travels in the
+`grpc-status-details-bin` trailer. Any other exception is logged with its traceback and
+answered INTERNAL with a short message: tracebacks never reach clients.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NoReturn, cast
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from gpufleet.server import errors
+
+_log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "gpufleet.dev"
+
+# Most specific first: subclasses must come before their bases.
+_CODES: tuple[tuple[type[errors.GpufleetError], grpc.StatusCode], ...] = (
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.RevisionMismatch, grpc.StatusCode.ABORTED),
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+INTERNAL_MESSAGE = "internal error in the gpufleet control plane; the server log has details"
+
+if TYPE_CHECKING:
+    _Context = grpc.aio.ServicerContext[Any, Any]
+    _InterceptorBase = grpc.aio.ServerInterceptor[Any, Any]
+    _Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    _Context = Any
+    _InterceptorBase = grpc.aio.ServerInterceptor
+    _Handler = grpc.RpcMethodHandler
+
+
+def status_code_of(err: errors.GpufleetError) -> grpc.StatusCode:
+    """The gRPC code a domain error is answered with."""
+    for error_type, code in _CODES:
+        if isinstance(err, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def to_rpc_status(err: errors.GpufleetError) -> grpc.Status:
+    """Build the status (code, message, rich details trailer) for a domain error."""
+    code = status_code_of(err)
+    status = status_pb2.Status(code=code.value[0], message=err.message)
+    info = error_details_pb2.ErrorInfo(
+        reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata
+    )
+    status.details.add().Pack(info)
+    if isinstance(err, errors.InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in err.violations
+            ]
+        )
+        status.details.add().Pack(bad_request)
+    return rpc_status.to_status(status)
+
+
+async def abort_with(context: _Context, err: errors.GpufleetError) -> NoReturn:
+    """End the call with the status of a domain error."""
+    status = to_rpc_status(err)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+async def _answer(context: _Context, method: str, exc: Exception) -> NoReturn:
+    if isinstance(exc, errors.GpufleetError):
+        await abort_with(context, exc)
+    _log.error("unexpected error in %s", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+
+def _unary_response(behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+    async def wrapped(request: Any, context: _Context) -> Any:
+        try:
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the point of this module
+            await _answer(context, method, exc)
+
+    return wrapped
+
+
+def _stream_response(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    # grpc.aio tells streaming styles apart by the behavior's kind, so the wrapper must be
+    # an async generator exactly when the wrapped behavior is one.
+    if inspect.isasyncgenfunction(behavior):
+
+        async def wrapped_gen(request: Any, context: _Context) -> AsyncIterator[Any]:
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await _answer(context, method, exc)
+
+        return wrapped_gen
+    return _unary_response(behavior, method)
+
+
+def wrap_handler(handler: _Handler, method: str) -> _Handler:
+    """Return a handler of the same kind whose behavior maps exceptions to statuses."""
+    deserializer = handler.request_deserializer
+    serializer = handler.response_serializer
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            _stream_response(cast(Callable[..., Any], handler.stream_stream), method),
+            deserializer,
+            serializer,
+        )
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(
+            _unary_response(cast(Callable[..., Any], handler.stream_unary), method),
+            deserializer,
+            serializer,
+        )
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(
+            _stream_response(cast(Callable[..., Any], handler.unary_stream), method),
+            deserializer,
+            serializer,
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        _unary_response(cast(Callable[..., Any], handler.unary_unary), method),
+        deserializer,
+        serializer,
+    )
+
+
+class ErrorMappingInterceptor(_InterceptorBase):
+    """Server interceptor applying `wrap_handler` to every method of every service."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return wrap_handler(handler, handler_call_details.method)
