@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gpufleet.v1 import deployment_pb2 as gpufleet_dot_v1_dot_deployment__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!gpufleet/v1/routing_service.proto\x12\x0bgpufleet.v1\x1a\x1cgpufleet/v1/deployment.proto\"S\n\x08\x45ndpoint\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"\xeb\x01\n\x0f\x44\x65ploymentRoute\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12(\n\tendpoints\x18\x02 \x03(\x0b\x32\x15.gpufleet.v1.Endpoint\x12)\n\x07traffic\x18\x03 \x01(\x0b\x32\x18.gpufleet.v1.TrafficSpec\x12)\n\x07scaling\x18\x04 \x01(\x0b\x32\x18.gpufleet.v1.ScalingSpec\x12\x0f\n\x07service\x18\x05 \x01(\t\x12\x16\n\x0eservice_weight\x18\x06 \x01(\r\x12\x1b\n\x13invoke_token_sha256\x18\x07 \x01(\t\"(\n\x12WatchRoutesRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"r\n\x13WatchRoutesResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12,\n\x06routes\x18\x02 \x03(\x0b\x32\x1c.gpufleet.v1.DeploymentRoute\x12\x1b\n\x13removed_deployments\x18\x03 \x03(\t\"y\n\x0e\x44\x65ploymentLoad\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x0f\n\x07wakeups\x18\x04 \x01(\r\x12\x1a\n\x12scale_out_requests\x18\x05 \x01(\r\"S\n\x11ReportLoadRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12*\n\x05loads\x18\x02 \x03(\x0b\x32\x1b.gpufleet.v1.DeploymentLoad\"5\n\x12ReportLoadResponse\x12\x1f\n\x17report_interval_seconds\x18\x01 \x01(\r2\xb3\x01\n\x0eRoutingService\x12R\n\x0bWatchRoutes\x12\x1f.gpufleet.v1.WatchRoutesRequest\x1a .gpufleet.v1.WatchRoutesResponse0\x01\x12M\n\nReportLoad\x12\x1e.gpufleet.v1.ReportLoadRequest\x1a\x1f.gpufleet.v1.ReportLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!gpufleet/v1/routing_service.proto\x12\x0bgpufleet.v1\x1a\x1cgpufleet/v1/deployment.proto\"S\n\x08\x45ndpoint\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"\xeb\x01\n\x0f\x44\x65ploymentRoute\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12(\n\tendpoints\x18\x02 \x03(\x0b\x32\x15.gpufleet.v1.Endpoint\x12)\n\x07traffic\x18\x03 \x01(\x0b\x32\x18.gpufleet.v1.TrafficSpec\x12)\n\x07scaling\x18\x04 \x01(\x0b\x32\x18.gpufleet.v1.ScalingSpec\x12\x0f\n\x07service\x18\x05 \x01(\t\x12\x16\n\x0eservice_weight\x18\x06 \x01(\r\x12\x1b\n\x13invoke_token_sha256\x18\x07 \x01(\t\"(\n\x12WatchRoutesRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"r\n\x13WatchRoutesResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12,\n\x06routes\x18\x02 \x03(\x0b\x32\x1c.gpufleet.v1.DeploymentRoute\x12\x1b\n\x13removed_deployments\x18\x03 \x03(\t\"\xa7\x01\n\x0e\x44\x65ploymentLoad\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x0f\n\x07wakeups\x18\x04 \x01(\r\x12\x1a\n\x12scale_out_requests\x18\x05 \x01(\r\x12,\n\tinstances\x18\x06 \x03(\x0b\x32\x19.gpufleet.v1.InstanceLoad\"L\n\x0cInstanceLoad\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x14\n\x0cidle_seconds\x18\x03 \x01(\x01\"S\n\x11ReportLoadRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12*\n\x05loads\x18\x02 \x03(\x0b\x32\x1b.gpufleet.v1.DeploymentLoad\"5\n\x12ReportLoadResponse\x12\x1f\n\x17report_interval_seconds\x18\x01 \x01(\r2\xb3\x01\n\x0eRoutingService\x12R\n\x0bWatchRoutes\x12\x1f.gpufleet.v1.WatchRoutesRequest\x1a .gpufleet.v1.WatchRoutesResponse0\x01\x12M\n\nReportLoad\x12\x1e.gpufleet.v1.ReportLoadRequest\x1a\x1f.gpufleet.v1.ReportLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,12 +40,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHROUTESREQUEST']._serialized_end=443
   _globals['_WATCHROUTESRESPONSE']._serialized_start=445
   _globals['_WATCHROUTESRESPONSE']._serialized_end=559
-  _globals['_DEPLOYMENTLOAD']._serialized_start=561
-  _globals['_DEPLOYMENTLOAD']._serialized_end=682
-  _globals['_REPORTLOADREQUEST']._serialized_start=684
-  _globals['_REPORTLOADREQUEST']._serialized_end=767
-  _globals['_REPORTLOADRESPONSE']._serialized_start=769
-  _globals['_REPORTLOADRESPONSE']._serialized_end=822
-  _globals['_ROUTINGSERVICE']._serialized_start=825
-  _globals['_ROUTINGSERVICE']._serialized_end=1004
+  _globals['_DEPLOYMENTLOAD']._serialized_start=562
+  _globals['_DEPLOYMENTLOAD']._serialized_end=729
+  _globals['_INSTANCELOAD']._serialized_start=731
+  _globals['_INSTANCELOAD']._serialized_end=807
+  _globals['_REPORTLOADREQUEST']._serialized_start=809
+  _globals['_REPORTLOADREQUEST']._serialized_end=892
+  _globals['_REPORTLOADRESPONSE']._serialized_start=894
+  _globals['_REPORTLOADRESPONSE']._serialized_end=947
+  _globals['_ROUTINGSERVICE']._serialized_start=950
+  _globals['_ROUTINGSERVICE']._serialized_end=1129
 # @@protoc_insertion_point(module_scope)

@@ -172,6 +172,7 @@ class DeploymentLoad(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     WAKEUPS_FIELD_NUMBER: _builtins.int
     SCALE_OUT_REQUESTS_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
     deployment: _builtins.str
     """Deployment name."""
     queue_depth: _builtins.int
@@ -182,6 +183,10 @@ class DeploymentLoad(_message.Message):
     """Calls that arrived while no instance was ready since the last report."""
     scale_out_requests: _builtins.int
     """Calls asking route rule scale-out since the last report."""
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___InstanceLoad]:
+        """Per-instance load as this gateway sees it, for idle release."""
+
     def __init__(
         self,
         *,
@@ -190,14 +195,47 @@ class DeploymentLoad(_message.Message):
         in_flight: _builtins.int = ...,
         wakeups: _builtins.int = ...,
         scale_out_requests: _builtins.int = ...,
+        instances: _abc.Iterable[Global___InstanceLoad] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "in_flight", b"in_flight", "queue_depth", b"queue_depth", "scale_out_requests", b"scale_out_requests", "wakeups", b"wakeups"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "in_flight", b"in_flight", "instances", b"instances", "queue_depth", b"queue_depth", "scale_out_requests", b"scale_out_requests", "wakeups", b"wakeups"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeploymentLoad: _TypeAlias = DeploymentLoad  # noqa: Y015
+
+@_typing.final
+class InstanceLoad(_message.Message):
+    """InstanceLoad is one gateway's load on one instance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    IDLE_SECONDS_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """Instance id."""
+    in_flight: _builtins.int
+    """Calls in flight on the instance through this gateway."""
+    idle_seconds: _builtins.float
+    """Seconds since the instance last had a call in flight through this gateway while ready;
+    0 while it has calls in flight.
+    """
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        in_flight: _builtins.int = ...,
+        idle_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idle_seconds", b"idle_seconds", "in_flight", b"in_flight", "instance_id", b"instance_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InstanceLoad: _TypeAlias = InstanceLoad  # noqa: Y015
 
 @_typing.final
 class ReportLoadRequest(_message.Message):
