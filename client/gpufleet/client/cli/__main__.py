@@ -1,0 +1,5 @@
+"""`python -m gpufleet.client.cli` runs the gpufleet CLI."""
+
+from gpufleet.client.cli.main import main
+
+raise SystemExit(main())
