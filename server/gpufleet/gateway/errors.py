@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import StrEnum
 
-ERROR_DOMAIN = "gpufleet"
-"""`google.rpc.ErrorInfo.domain` of every gateway error."""
+ERROR_DOMAIN = "gpufleet.dev"
+"""`google.rpc.ErrorInfo.domain` of every gateway error; the control plane uses the same."""
 
 RETRY_PUSHBACK_METADATA_KEY = "grpc-retry-pushback-ms"
 """Trailer that tells gRPC's retry machinery how long to wait (milliseconds)."""

@@ -1,0 +1,168 @@
+"""`gpufleet gateway`: run a data plane gateway until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NoReturn
+
+from gpufleet.gateway.app import start_gateway
+from gpufleet.gateway.settings import DEFAULT_LISTEN, GatewayConfig, default_gateway_id
+from gpufleet.server.errors import StartupError
+
+PROG = "gpufleet gateway"
+LISTENING_LINE = "gpufleet gateway listening on {address}"
+DEFAULT_SERVER = "127.0.0.1:50051"
+SERVER_ENV = "GPUFLEET_SERVER"
+TOKEN_ENV = "GPUFLEET_TOKEN"
+STATE_DIR_ENV = "GPUFLEET_STATE_DIR"
+TOKEN_FILE = "admin-token"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, no usage dump: the message already names the flag.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `gpufleet gateway`."""
+    parser = _Parser(
+        prog=PROG,
+        description="Run a gpufleet gateway: the data plane that serves inference calls "
+        "and proxies gRPC calls to deployments.",
+    )
+    parser.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        default=None,
+        help=f"control plane address (default: ${SERVER_ENV}, else {DEFAULT_SERVER})",
+    )
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument("--token", default=None, help=f"admin token (default: ${TOKEN_ENV})")
+    token.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help=f"file holding the admin token (default: ${STATE_DIR_ENV}/{TOKEN_FILE}, else "
+        f"~/.gpufleet/{TOKEN_FILE})",
+    )
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        help=f"data plane listen address HOST:PORT; port 0 picks a free one "
+        f"(default: {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--gateway-id", default=None, help="name in load reports (default: HOSTNAME-PID)"
+    )
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate for the data plane port")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA bundle; data plane clients must present a certificate it signed",
+    )
+    parser.add_argument(
+        "--server-tls", action="store_true", help="reach the control plane over TLS"
+    )
+    parser.add_argument(
+        "--server-tls-ca", type=Path, help="PEM CA of the control plane (implies TLS)"
+    )
+    parser.add_argument(
+        "--server-tls-cert", type=Path, help="PEM client certificate for the control plane"
+    )
+    parser.add_argument("--server-tls-key", type=Path, help="PEM key of --server-tls-cert")
+    return parser
+
+
+def resolve_token(
+    token: str | None, token_file: Path | None, env: Mapping[str, str], home: Path
+) -> str:
+    """--token, else --token-file, else $GPUFLEET_TOKEN, else the state dir's token file.
+
+    Raises StartupError saying where it looked.
+    """
+    if token:
+        return token.strip()
+    if token_file is None:
+        from_env = env.get(TOKEN_ENV, "").strip()
+        if from_env:
+            return from_env
+        state_dir = Path(env[STATE_DIR_ENV]) if env.get(STATE_DIR_ENV) else home / ".gpufleet"
+        token_file = state_dir.expanduser() / TOKEN_FILE
+    try:
+        text = token_file.read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise StartupError(
+            f"no admin token: cannot read {token_file} ({err.strerror or err}); pass --token, "
+            f"--token-file, or set ${TOKEN_ENV}"
+        ) from None
+    if not text:
+        raise StartupError(f"the admin token file {token_file} is empty")
+    return text
+
+
+def config_from_args(
+    args: argparse.Namespace, env: Mapping[str, str], home: Path
+) -> GatewayConfig:
+    """Resolve flags and environment into a GatewayConfig."""
+    try:
+        return GatewayConfig(
+            server_address=args.server or env.get(SERVER_ENV) or DEFAULT_SERVER,
+            admin_token=resolve_token(args.token, args.token_file, env, home),
+            listen=args.listen,
+            gateway_id=args.gateway_id or default_gateway_id(),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            server_tls=args.server_tls,
+            server_tls_ca=args.server_tls_ca,
+            server_tls_cert=args.server_tls_cert,
+            server_tls_key=args.server_tls_key,
+        )
+    except ValueError as err:
+        raise StartupError(str(err)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the gateway; 0 after a graceful stop, 2 for bad flags or startup errors."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(args, os.environ, Path.home())
+        return asyncio.run(_run(config))
+    except StartupError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+async def _run(config: GatewayConfig) -> int:
+    gateway = await start_gateway(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        print(LISTENING_LINE.format(address=gateway.address), flush=True)
+        await stop.wait()
+        logging.getLogger(__name__).info("stopping on signal")
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+        await gateway.stop()
+    return 0
