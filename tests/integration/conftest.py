@@ -37,8 +37,12 @@ class RunningControlPlane:
 
 @pytest.fixture
 async def control_plane(tmp_path: Path) -> AsyncIterator[RunningControlPlane]:
+    """A control plane without its reconciler: these tests write instances to the store
+    themselves and expect no other writer."""
     state_dir = tmp_path / "state"
-    plane = await start_control_plane(ServerConfig(state_dir=state_dir, listen="127.0.0.1:0"))
+    plane = await start_control_plane(
+        ServerConfig(state_dir=state_dir, listen="127.0.0.1:0", reconcile=False)
+    )
     channel = grpc.aio.insecure_channel(plane.address)
     try:
         yield RunningControlPlane(

@@ -628,6 +628,8 @@ async def test_reflection_lists_services_and_files(control_plane: RunningControl
     names = {s.name for s in listed.list_services_response.service}
     assert names == {
         "gpufleet.v1.DeploymentService",
+        "gpufleet.v1.NodeService",
+        "gpufleet.v1.RoutingService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     }

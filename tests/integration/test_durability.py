@@ -232,7 +232,9 @@ async def test_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
                 ),
                 metadata=metadata,
             )
-            assert probe.deployment.revision == high_water + 1
+            # Not necessarily high_water + 1: the reconciler may first record the observed
+            # generation of deployments updated just before the last kill.
+            assert probe.deployment.revision > high_water
     finally:
         assert await server.terminate() == 0
     print(f"seed {seed}: {total_acks} acknowledged writes, final revision {high_water}")

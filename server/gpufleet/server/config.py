@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_NODE_TTL_S = 15.0
+DEFAULT_HEARTBEAT_INTERVAL_S = 2
+DEFAULT_RECONCILE_TICK_S = 0.5
+DEFAULT_LOAD_REPORT_INTERVAL_S = 1
 
 
 @dataclass(frozen=True)
@@ -28,3 +32,22 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     """PEM CA bundle for mutual TLS: when set, every client must present a certificate
     signed by it. Needs tls_cert and tls_key."""
+
+    node_ttl: float = DEFAULT_NODE_TTL_S
+    """Seconds without a heartbeat after which a node is LOST and its instances replaced.
+    Also the grace period every known node gets after the control plane starts."""
+
+    heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL_S
+    """Seconds between agent heartbeats, told to agents at registration (>= 1). Three
+    missed heartbeats make a node SUSPECT (no new instances)."""
+
+    reconcile: bool = True
+    """Run the reconciler (placement, scaling, node loss, rollouts). Tests of the API alone
+    turn it off and write instances to the store themselves."""
+
+    reconcile_tick: float = DEFAULT_RECONCILE_TICK_S
+    """Longest time between two reconciler passes (store changes wake it sooner)."""
+
+    load_report_interval: int = DEFAULT_LOAD_REPORT_INTERVAL_S
+    """Seconds between gateway load reports, told to gateways in ReportLoadResponse; a
+    gateway silent for three intervals no longer counts."""

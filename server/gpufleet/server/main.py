@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from gpufleet.server.app import start_control_plane
-from gpufleet.server.config import DEFAULT_LISTEN, ServerConfig
+from gpufleet.server.config import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    DEFAULT_LISTEN,
+    DEFAULT_NODE_TTL_S,
+    ServerConfig,
+)
 from gpufleet.server.errors import StartupError
 
 STATE_DIR_ENV = "GPUFLEET_STATE_DIR"
@@ -48,7 +53,41 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="PEM CA bundle; clients must present a certificate it signed (mutual TLS)",
     )
+    parser.add_argument(
+        "--node-ttl",
+        type=_positive_seconds,
+        default=DEFAULT_NODE_TTL_S,
+        metavar="SECONDS",
+        help="a node silent this long is lost and its instances are replaced; also the grace "
+        f"period nodes get after a restart (default: {DEFAULT_NODE_TTL_S:g})",
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=_whole_seconds,
+        default=DEFAULT_HEARTBEAT_INTERVAL_S,
+        metavar="SECONDS",
+        help="seconds between agent heartbeats, told to agents when they register "
+        f"(default: {DEFAULT_HEARTBEAT_INTERVAL_S})",
+    )
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds; got {text}")
+    return value
+
+
+def _whole_seconds(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of seconds, 1 or more; got {text!r}"
+        )
+    return int(text)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -63,6 +102,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        node_ttl=args.node_ttl,
+        heartbeat_interval=args.heartbeat_interval,
     )
 
 

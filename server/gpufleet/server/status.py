@@ -19,7 +19,15 @@ def compute_status(
     when any instance is ready; FAILED when none is ready and one failed or crash-loops;
     otherwise STARTING. Desired is min_instances (0 while draining). Queue depth and
     in-flight come from gateways and stay 0 here.
+
+    Once the reconciler has written a status (deployment.status is set), that one is
+    returned instead, except while deleting: the reconciler also knows the demand, placement
+    failures, rollouts and gateway load, which the instances alone do not tell.
     """
+    if deployment.HasField("status") and not deployment.HasField("delete_time"):
+        recorded = deployment_pb2.DeploymentStatus()
+        recorded.CopyFrom(deployment.status)
+        return recorded
     ready = sum(1 for i in instances if i.state == _State.INSTANCE_STATE_READY)
     failed = [
         i for i in instances if i.state == _State.INSTANCE_STATE_FAILED or i.crash_loop

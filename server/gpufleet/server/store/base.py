@@ -23,18 +23,28 @@ Contract every implementation keeps:
 Deletion is graceful: `mark_deployment_deleted` removes a deployment at once when it has
 no instance, otherwise it sets delete_time and `purge_deployment` removes it once the last
 instance is gone.
+
+Instances have two owners: the reconciler decides which exist and whether they drain or are
+lost (`commit_reconcile`), agents report how they run (`report_instances`). Neither write
+touches the other's fields, so a pass based on a slightly older read never undoes a report.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from gpufleet.server.store.broadcast import Subscription
 from gpufleet.server.store.records import (
+    ClusterRecords,
     DeleteResult,
     DeploymentPage,
     DeploymentRecord,
+    InstanceRecord,
+    InstanceReport,
+    JoinTokenRecord,
+    NodeRecord,
+    ReconcileBatch,
     Snapshot,
     StoredEvent,
 )
@@ -188,3 +198,55 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_instances(self, deployment: str | None = None) -> list[instance_pb2.Instance]:
         """Instances ordered by deployment then id, optionally of one deployment."""
+
+    # The node side
+
+    @abc.abstractmethod
+    async def add_join_token(self, token_sha256: str, expire_time_us: int | None) -> None:
+        """Store a join token hash (no-op if it is already stored). Not a watched object."""
+
+    @abc.abstractmethod
+    async def get_join_token(self, token_sha256: str) -> JoinTokenRecord | None:
+        """The join token with this hash, expired or not; None if unknown."""
+
+    @abc.abstractmethod
+    async def list_node_records(self) -> list[NodeRecord]:
+        """Every node with its secret hash, ordered by id."""
+
+    @abc.abstractmethod
+    async def update_node_info(self, node: node_pb2.Node) -> bool:
+        """Replace what the agent reports of a node (GPUs, cpu, memory, agent version,
+        advertise host, last heartbeat); name, labels, secret and state stay. False if the
+        node is unknown."""
+
+    @abc.abstractmethod
+    async def list_instance_records(
+        self, deployment: str | None = None, node_id: str | None = None
+    ) -> list[InstanceRecord]:
+        """Instances with their spec and flags, ordered by deployment then id, optionally of
+        one deployment and/or one node."""
+
+    @abc.abstractmethod
+    async def cluster_records(self) -> ClusterRecords:
+        """Every deployment, instance and node, consistent as of one revision."""
+
+    @abc.abstractmethod
+    async def report_instances(self, node_id: str, reports: Sequence[InstanceReport]) -> int:
+        """Apply a node's reports to its instances, in one transaction.
+
+        Only instances placed on `node_id` and not lost are touched, and only the reported
+        fields (state, reason, pid, address, restarts, crash loop, measured GPU use); a
+        report equal to the row writes nothing. A draining instance reported as still running
+        is stored as DRAINING. ready_time is set when an instance becomes READY. Logs UPDATED
+        per changed instance; returns how many changed.
+        """
+
+    @abc.abstractmethod
+    async def commit_reconcile(self, batch: ReconcileBatch) -> int:
+        """Apply one reconciler pass atomically (see ReconcileBatch for the order).
+
+        Steps that no longer apply are skipped, not errors: marking or deleting an instance
+        that is gone, marking lost an instance already lost, purging a deployment that still
+        has instances. Status writes that change nothing are skipped. Returns the store
+        revision after the batch.
+        """

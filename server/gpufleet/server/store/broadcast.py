@@ -71,6 +71,17 @@ class Subscription:
             self._wakeup.clear()
             await self._wakeup.wait()
 
+    def take_pending(self) -> list[StoredEvent]:
+        """Every event already delivered and not yet taken, without waiting.
+
+        Raises SubscriptionLagged if events were dropped.
+        """
+        if self._lagged:
+            raise SubscriptionLagged()
+        events = list(self._pending)
+        self._pending.clear()
+        return events
+
     def close(self) -> None:
         """Unsubscribe."""
         self._hub.unsubscribe(self)

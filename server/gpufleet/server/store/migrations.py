@@ -102,5 +102,26 @@ _INITIAL = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_INITIAL,)
+# The node side: the reconciler's status of each deployment, the control plane's intent for
+# each instance (draining: told to stop; lost: its node was lost and it was replaced), and
+# join tokens (only their hashes).
+_NODE_SIDE = Migration(
+    version=2,
+    description="deployment status, instance draining/lost flags, join tokens",
+    statements=(
+        # Serialized DeploymentStatus written by the reconciler; NULL until it writes one.
+        "ALTER TABLE deployments ADD COLUMN status BLOB",
+        "ALTER TABLE instances ADD COLUMN draining INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE instances ADD COLUMN lost INTEGER NOT NULL DEFAULT 0",
+        """
+        CREATE TABLE join_tokens (
+            token_sha256 TEXT PRIMARY KEY,
+            create_time_us INTEGER NOT NULL,
+            expire_time_us INTEGER
+        ) STRICT
+        """,
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_INITIAL, _NODE_SIDE)
 """Every migration, by version."""

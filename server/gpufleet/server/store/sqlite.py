@@ -15,7 +15,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,11 +37,20 @@ from gpufleet.server.store.broadcast import ChangeHub, Subscription
 from gpufleet.server.store.migrations import MIGRATIONS, Migration
 from gpufleet.server.store.records import (
     ChangeType,
+    ClusterRecords,
     DeleteResult,
     DeploymentPage,
     DeploymentRecord,
+    InstanceMark,
+    InstanceRecord,
+    InstanceReport,
+    JoinTokenRecord,
+    NewInstance,
+    NodeRecord,
     ObjectKind,
+    ReconcileBatch,
     Snapshot,
+    StatusWrite,
     StoredEvent,
 )
 from gpufleet.v1 import deployment_pb2, instance_pb2, node_pb2
@@ -55,7 +64,7 @@ BUSY_TIMEOUT_MS = 5_000
 
 _DEPLOYMENT_COLUMNS = (
     "name, labels, spec, revision, generation, observed_generation, create_time_us, "
-    "update_time_us, delete_time_us, invoke_token_sha256"
+    "update_time_us, delete_time_us, invoke_token_sha256, status"
 )
 _INSTANCE_COLUMNS = (
     "id, deployment, node_id, generation, state, reason, gpu_uuids, address, pid, "
@@ -66,6 +75,14 @@ _INSTANCE_COLUMNS = (
 _NODE_COLUMNS = (
     "id, name, labels, state, cpu_millis, memory_mib, agent_version, advertise_host, gpus, "
     "last_heartbeat_us"
+)
+_INSTANCE_RECORD_COLUMNS = _INSTANCE_COLUMNS + ", draining, lost"
+
+_State = instance_pb2.InstanceState
+# States in which an instance still runs (or is about to): a draining one is shown as
+# DRAINING until its node reports it stopped or failed.
+_RUNNING_STATES = frozenset(
+    {_State.INSTANCE_STATE_PENDING, _State.INSTANCE_STATE_STARTING, _State.INSTANCE_STATE_READY}
 )
 
 
@@ -180,7 +197,7 @@ class SqliteStore(Store):
             )
             await tx.db.execute(
                 f"INSERT INTO deployments ({_DEPLOYMENT_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, NULL)",
                 (
                     name,
                     _labels_json(labels),
@@ -505,6 +522,190 @@ class SqliteStore(Store):
             self._check_open()
             return await _select_instances(self._db, deployment)
 
+    # The node side
+
+    async def add_join_token(self, token_sha256: str, expire_time_us: int | None) -> None:
+        async def body(tx: _Transaction) -> None:
+            await tx.db.execute(
+                "INSERT OR IGNORE INTO join_tokens (token_sha256, create_time_us, "
+                "expire_time_us) VALUES (?, ?, ?)",
+                (token_sha256, tx.now_us, expire_time_us),
+            )
+
+        await self._write(body)
+
+    async def get_join_token(self, token_sha256: str) -> JoinTokenRecord | None:
+        async with self._lock:
+            self._check_open()
+            rows = list(
+                await self._db.execute_fetchall(
+                    "SELECT token_sha256, create_time_us, expire_time_us FROM join_tokens "
+                    "WHERE token_sha256 = ?",
+                    (token_sha256,),
+                )
+            )
+        if not rows:
+            return None
+        token, created, expires = rows[0]
+        return JoinTokenRecord(str(token), int(created), None if expires is None else int(expires))
+
+    async def list_node_records(self) -> list[NodeRecord]:
+        async with self._lock:
+            self._check_open()
+            return await _select_node_records(self._db)
+
+    async def update_node_info(self, node: node_pb2.Node) -> bool:
+        async def body(tx: _Transaction) -> bool:
+            heartbeat = (
+                _micros(node.last_heartbeat_time) if node.HasField("last_heartbeat_time") else None
+            )
+            cursor = await tx.db.execute(
+                "UPDATE nodes SET cpu_millis = ?, memory_mib = ?, agent_version = ?, "
+                "advertise_host = ?, gpus = ?, last_heartbeat_us = ? WHERE id = ?",
+                (
+                    node.cpu_millis,
+                    node.memory_mib,
+                    node.agent_version,
+                    node.advertise_host,
+                    node_pb2.Node(gpus=node.gpus).SerializeToString(),
+                    heartbeat,
+                    node.id,
+                ),
+            )
+            return cursor.rowcount > 0
+
+        return await self._write(body)
+
+    async def list_instance_records(
+        self, deployment: str | None = None, node_id: str | None = None
+    ) -> list[InstanceRecord]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if deployment is not None:
+            clauses.append("deployment = ?")
+            params.append(deployment)
+        if node_id is not None:
+            clauses.append("node_id = ?")
+            params.append(node_id)
+        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+        async with self._lock:
+            self._check_open()
+            rows = await self._db.execute_fetchall(
+                f"SELECT {_INSTANCE_RECORD_COLUMNS} FROM instances {where}"
+                "ORDER BY deployment, id",
+                params,
+            )
+        return [_instance_record_from_row(row) for row in rows]
+
+    async def cluster_records(self) -> ClusterRecords:
+        async with self._lock:
+            self._check_open()
+            await self._db.execute("BEGIN")
+            try:
+                revision = await _meta(self._db, "revision")
+                deployments = [
+                    _deployment_from_row(row)
+                    for row in await self._db.execute_fetchall(
+                        f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments ORDER BY name"
+                    )
+                ]
+                instances = [
+                    _instance_record_from_row(row)
+                    for row in await self._db.execute_fetchall(
+                        f"SELECT {_INSTANCE_RECORD_COLUMNS} FROM instances "
+                        "ORDER BY deployment, id"
+                    )
+                ]
+                nodes = await _select_node_records(self._db)
+            finally:
+                await self._db.execute("COMMIT")
+        return ClusterRecords(revision, deployments, instances, nodes)
+
+    async def report_instances(self, node_id: str, reports: Sequence[InstanceReport]) -> int:
+        async def body(tx: _Transaction) -> int:
+            changed = 0
+            for report in reports:
+                record = await _fetch_instance_record(tx.db, report.instance_id)
+                if record is None or record.lost or record.instance.node_id != node_id:
+                    continue
+                current = record.instance
+                new = instance_pb2.Instance()
+                new.CopyFrom(current)
+                state = report.state
+                if state == _State.INSTANCE_STATE_UNSPECIFIED:
+                    state = current.state
+                if record.draining and state in _RUNNING_STATES:
+                    state = _State.INSTANCE_STATE_DRAINING
+                new.state = state
+                new.reason = report.reason
+                new.pid = report.pid
+                new.address = report.address
+                new.restart_count = report.restart_count
+                new.crash_loop = report.crash_loop
+                new.gpu_memory_used_mib = report.gpu_memory_used_mib
+                new.sm_utilization_percent = report.sm_utilization_percent
+                new.gpu_memory_overrun = report.gpu_memory_overrun
+                if (
+                    state == _State.INSTANCE_STATE_READY
+                    and current.state != _State.INSTANCE_STATE_READY
+                ):
+                    new.ready_time.CopyFrom(_timestamp(tx.now_us))
+                if new == current:
+                    continue
+                await tx.db.execute(
+                    "UPDATE instances SET state = ?, reason = ?, pid = ?, address = ?, "
+                    "restart_count = ?, crash_loop = ?, gpu_memory_used_mib = ?, "
+                    "sm_utilization_percent = ?, gpu_memory_overrun = ?, ready_time_us = ?, "
+                    "update_time_us = ? WHERE id = ?",
+                    (
+                        int(new.state),
+                        new.reason,
+                        new.pid,
+                        new.address,
+                        new.restart_count,
+                        int(new.crash_loop),
+                        new.gpu_memory_used_mib,
+                        new.sm_utilization_percent,
+                        int(new.gpu_memory_overrun),
+                        _micros(new.ready_time) if new.HasField("ready_time") else None,
+                        tx.now_us,
+                        new.id,
+                    ),
+                )
+                await tx.log(ChangeType.UPDATED, ObjectKind.INSTANCE, new.id, new)
+                changed += 1
+            return changed
+
+        return await self._write(body)
+
+    async def commit_reconcile(self, batch: ReconcileBatch) -> int:
+        async def body(tx: _Transaction) -> int:
+            for node_id, state in sorted(batch.node_states.items()):
+                await tx.db.execute(
+                    "UPDATE nodes SET state = ? WHERE id = ?", (int(state), node_id)
+                )
+            for mark in batch.lost:
+                await _mark_instance(tx, mark, lost=True)
+            for mark in batch.drain:
+                await _mark_instance(tx, mark, lost=False)
+            for instance_id in batch.delete:
+                await _delete_instance_row(tx, instance_id)
+            for new in batch.create:
+                await _insert_new_instance(tx, new)
+            for name in batch.purge:
+                record = await _fetch_deployment(tx.db, name)
+                if (
+                    record is not None
+                    and record.deployment.HasField("delete_time")
+                    and await _instance_count(tx.db, name) == 0
+                ):
+                    await tx.remove_deployment(record.deployment, record)
+            for write in batch.status:
+                await _write_status(tx, write)
+            return tx.revision
+
+        return await self._write(body)
+
     # Internals
 
     def _check_open(self) -> None:
@@ -548,6 +749,11 @@ class _Transaction:
         self._start_revision = revision
         self._revision = revision
 
+    @property
+    def revision(self) -> int:
+        """The latest revision taken so far (the store's revision if none was taken)."""
+        return self._revision
+
     def next_revision(self) -> int:
         """Take the next store revision; the caller must `log` an event with it."""
         self._revision += 1
@@ -588,7 +794,7 @@ class _Transaction:
         await self.db.execute(
             "UPDATE deployments SET labels = ?, spec = ?, revision = ?, generation = ?, "
             "observed_generation = ?, update_time_us = ?, delete_time_us = ?, "
-            "invoke_token_sha256 = ? WHERE name = ?",
+            "invoke_token_sha256 = ?, status = ? WHERE name = ?",
             (
                 _labels_json(new.labels),
                 new.spec.SerializeToString(),
@@ -598,6 +804,7 @@ class _Transaction:
                 self.now_us,
                 _micros(new.delete_time) if new.HasField("delete_time") else None,
                 invoke_token_sha256,
+                new.status.SerializeToString() if new.HasField("status") else None,
                 new.name,
             ),
         )
@@ -735,6 +942,105 @@ def _check_revision(record: DeploymentRecord, expected: int) -> None:
         )
 
 
+async def _fetch_instance_record(
+    db: aiosqlite.Connection, instance_id: str
+) -> InstanceRecord | None:
+    rows = list(
+        await db.execute_fetchall(
+            f"SELECT {_INSTANCE_RECORD_COLUMNS} FROM instances WHERE id = ?", (instance_id,)
+        )
+    )
+    return _instance_record_from_row(rows[0]) if rows else None
+
+
+async def _mark_instance(tx: _Transaction, mark: InstanceMark, *, lost: bool) -> None:
+    """Flag an instance lost (state FAILED) or draining (DRAINING while it still runs)."""
+    record = await _fetch_instance_record(tx.db, mark.instance_id)
+    if record is None or record.lost or (not lost and record.draining):
+        return
+    new = instance_pb2.Instance()
+    new.CopyFrom(record.instance)
+    new.reason = mark.reason
+    if lost:
+        new.state = _State.INSTANCE_STATE_FAILED
+    elif new.state in _RUNNING_STATES:
+        new.state = _State.INSTANCE_STATE_DRAINING
+    await tx.db.execute(
+        "UPDATE instances SET state = ?, reason = ?, draining = ?, lost = ?, "
+        "update_time_us = ? WHERE id = ?",
+        (
+            int(new.state),
+            new.reason,
+            int(record.draining or not lost),
+            int(lost),
+            tx.now_us,
+            new.id,
+        ),
+    )
+    await tx.log(ChangeType.UPDATED, ObjectKind.INSTANCE, new.id, new)
+
+
+async def _delete_instance_row(tx: _Transaction, instance_id: str) -> None:
+    record = await _fetch_instance_record(tx.db, instance_id)
+    if record is None:
+        return
+    await tx.db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+    await tx.log(ChangeType.DELETED, ObjectKind.INSTANCE, instance_id, record.instance)
+
+
+async def _insert_new_instance(tx: _Transaction, new: NewInstance) -> None:
+    """Insert a placed instance; skipped if its deployment or node vanished meanwhile (the
+    next pass decides again)."""
+    instance = instance_pb2.Instance()
+    instance.CopyFrom(new.instance)
+    deployment = await _fetch_deployment(tx.db, instance.deployment)
+    node_rows = list(
+        await tx.db.execute_fetchall("SELECT 1 FROM nodes WHERE id = ?", (instance.node_id,))
+    )
+    if deployment is None or not node_rows:
+        return
+    instance.create_time.CopyFrom(_timestamp(tx.now_us))
+    await tx.db.execute(
+        f"INSERT INTO instances ({_INSTANCE_RECORD_COLUMNS}) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0)",
+        (
+            instance.id,
+            instance.deployment,
+            instance.node_id,
+            instance.generation,
+            int(instance.state),
+            instance.reason,
+            json.dumps(list(instance.gpu_uuids)),
+            instance.address,
+            instance.pid,
+            instance.restart_count,
+            int(instance.crash_loop),
+            instance.gpu_memory_reserved_mib,
+            instance.gpu_memory_used_mib,
+            instance.sm_utilization_percent,
+            int(instance.gpu_memory_overrun),
+            tx.now_us,
+            tx.now_us,
+            None,
+            new.spec.SerializeToString(),
+        ),
+    )
+    await tx.log(ChangeType.CREATED, ObjectKind.INSTANCE, instance.id, instance)
+
+
+async def _write_status(tx: _Transaction, write: StatusWrite) -> None:
+    record = await _fetch_deployment(tx.db, write.name)
+    if record is None:
+        return
+    new = deployment_pb2.Deployment()
+    new.CopyFrom(record.deployment)
+    new.observed_generation = write.observed_generation
+    new.status.CopyFrom(write.status)
+    if new == record.deployment:
+        return
+    await tx.save_deployment(new, record.invoke_token_sha256)
+
+
 async def _instance_count(db: aiosqlite.Connection, deployment: str) -> int:
     rows = list(
         await db.execute_fetchall(
@@ -771,6 +1077,7 @@ def _deployment_from_row(row: Iterable[Any]) -> DeploymentRecord:
         update_us,
         delete_us,
         token_hash,
+        status,
     ) = tuple(row)
     deployment = deployment_pb2.Deployment(
         name=name,
@@ -784,6 +1091,8 @@ def _deployment_from_row(row: Iterable[Any]) -> DeploymentRecord:
     )
     if delete_us is not None:
         deployment.delete_time.CopyFrom(_timestamp(delete_us))
+    if status is not None:
+        deployment.status.CopyFrom(deployment_pb2.DeploymentStatus.FromString(status))
     return DeploymentRecord(deployment, str(token_hash))
 
 
@@ -830,6 +1139,29 @@ def _instance_from_row(row: Iterable[Any]) -> instance_pb2.Instance:
     if ready_us is not None:
         instance.ready_time.CopyFrom(_timestamp(ready_us))
     return instance
+
+
+def _instance_record_from_row(row: Sequence[Any]) -> InstanceRecord:
+    values = tuple(row)
+    *instance_values, draining, lost = values
+    spec = deployment_pb2.DeploymentSpec.FromString(instance_values[-1])
+    return InstanceRecord(
+        instance=_instance_from_row(instance_values),
+        spec=spec,
+        draining=bool(draining),
+        lost=bool(lost),
+    )
+
+
+async def _select_node_records(db: aiosqlite.Connection) -> list[NodeRecord]:
+    rows = await db.execute_fetchall(
+        f"SELECT {_NODE_COLUMNS}, secret_sha256 FROM nodes ORDER BY id"
+    )
+    records: list[NodeRecord] = []
+    for row in rows:
+        *node_values, secret = tuple(row)
+        records.append(NodeRecord(_node_from_row(node_values), str(secret)))
+    return records
 
 
 def _node_from_row(row: Iterable[Any]) -> node_pb2.Node:
