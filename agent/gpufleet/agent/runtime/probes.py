@@ -88,7 +88,8 @@ async def check_http(port: int, path: str, timeout: float) -> ProbeResult:
     """GET http://127.0.0.1:<port><path>; 2xx and 3xx pass."""
     url = f"http://{PROBE_HOST}:{port}{path}"
     try:
-        status = await asyncio.wait_for(_http_status(port, path), timeout)
+        async with asyncio.timeout(timeout):
+            status = await _http_status(port, path)
     except TimeoutError:
         return ProbeResult(False, f"GET {url}: no response within {timeout:g}s")
     except (OSError, ValueError) as err:
@@ -102,7 +103,8 @@ async def check_tcp(port: int, timeout: float) -> ProbeResult:
     """A completed TCP connect to 127.0.0.1:<port> passes."""
     address = f"{PROBE_HOST}:{port}"
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(PROBE_HOST, port), timeout)
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(PROBE_HOST, port)
     except TimeoutError:
         return ProbeResult(False, f"TCP connect to {address}: timed out after {timeout:g}s")
     except OSError as err:
@@ -143,14 +145,20 @@ async def check_exec(
     except OSError as err:
         return ProbeResult(False, f"exec {name}: {err.strerror or err}")
     try:
-        output, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        async with asyncio.timeout(timeout):
+            output, _ = await proc.communicate()
     except TimeoutError:
         _kill_group(proc.pid)
         try:
-            await asyncio.wait_for(proc.wait(), _EXEC_KILL_WAIT_S)
+            async with asyncio.timeout(_EXEC_KILL_WAIT_S):
+                await proc.wait()
         except TimeoutError:
             pass
         return ProbeResult(False, f"exec {name}: killed after timeout of {timeout:g}s")
+    except asyncio.CancelledError:
+        # The instance is stopping: the check must not outlive it.
+        _kill_group(proc.pid)
+        raise
     text = output[-_EXEC_OUTPUT_LIMIT:].decode("utf-8", "replace").strip()
     code = proc.returncode
     if code == 0:

@@ -269,8 +269,11 @@ class InstanceRunner:
             self._restart_reason = None
 
     async def _sleep_or_wake(self, seconds: float) -> None:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+        # arrives just as the awaited call completes, and the runner's task would never end.
         try:
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
         except TimeoutError:
             pass
 
@@ -414,10 +417,10 @@ class InstanceRunner:
         return _ProbeFailed("readiness probing ended unexpectedly")
 
     async def _check(self, probe: ProbeSpec, env: Mapping[str, str]) -> ProbeResult:
+        # asyncio.timeout, not wait_for: see _sleep_or_wake.
         try:
-            return await asyncio.wait_for(
-                run_check(probe, self.port, env), probe.timeout + _CHECK_SLACK_S
-            )
+            async with asyncio.timeout(probe.timeout + _CHECK_SLACK_S):
+                return await run_check(probe, self.port, env)
         except TimeoutError:
             return ProbeResult(False, f"check did not finish within {probe.timeout:g}s")
 

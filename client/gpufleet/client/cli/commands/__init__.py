@@ -7,13 +7,19 @@ import argparse
 from typing import Protocol
 
 from gpufleet.client.cli.commands import (
+    agent,
     apply,
     delete,
+    gateway,
     get,
+    instances,
     list_deployments,
+    logs,
+    nodes,
     rotate_token,
     scale,
     server,
+    up,
     watch,
 )
 from gpufleet.client.cli.options import Subparsers
@@ -33,6 +39,7 @@ class Command(Protocol):
 
 COMMANDS: tuple[Command, ...] = (
     server,
+    gateway,
     apply,
     get,
     list_deployments,
@@ -40,4 +47,9 @@ COMMANDS: tuple[Command, ...] = (
     scale,
     watch,
     rotate_token,
+    up,
+    agent,
+    nodes,
+    instances,
+    logs,
 )

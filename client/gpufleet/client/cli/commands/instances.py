@@ -41,7 +41,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
 
 
 def gpu_labels(nodes: Sequence[node_pb2.Node]) -> dict[str, str]:
-    """GPU uuid -> "<node name>/<index>", to show GPUs the way `gpufleet nodes` does."""
+    """GPU uuid -> its index on its node, as `gpufleet nodes` shows GPUs."""
     return {gpu.uuid: str(gpu.index) for node in nodes for gpu in node.gpus}
 
 

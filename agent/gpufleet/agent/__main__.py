@@ -1,0 +1,5 @@
+"""`python -m gpufleet.agent`: same as `gpufleet agent`."""
+
+from gpufleet.agent.main import main
+
+raise SystemExit(main())
