@@ -48,6 +48,9 @@ class ThreadedControlPlane:
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
+            # These tests play the reconciler themselves (add_instance, drain), so the real one
+            # must not race them by changing phases or placing instances.
+            reconcile=False,
         )
         self.plane: ControlPlane = self.run(start_control_plane(config))
         self.address = self.plane.address
