@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run stop test unit integration lint mypy protos check-generated breaking bench clean
+.PHONY: setup run stop test unit integration lint mypy protos check-generated breaking bench clean stubs
 
 setup: $(STAMP) $(BUF)
 
@@ -54,6 +54,21 @@ run: setup
 
 stop:
 	bash scripts/stop_demo.sh
+
+# Go and TypeScript/ES stubs of gpufleet.v1 into clients/go and clients/ts/gen (not
+# committed; see buf.gen.yaml). The Go plugins are Debian packages, installed here when
+# missing and running as root; protoc-gen-es comes with `npm install` (setup).
+GO_PLUGINS := protoc-gen-go protoc-gen-go-grpc
+stubs: setup
+	@missing=$$(for p in $(GO_PLUGINS); do command -v $$p >/dev/null || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(GO_PLUGINS) >/dev/null; \
+	  else \
+	    echo "make stubs needs $$missing: sudo apt-get install $(GO_PLUGINS)" >&2; exit 1; \
+	  fi; \
+	fi
+	$(BUF) generate
 
 bench: setup
 	$(PY) -m bench

@@ -13,6 +13,7 @@ from gpufleet.client.cli.commands import (
     gateway,
     get,
     instances,
+    invoke,
     list_deployments,
     logs,
     nodes,
@@ -52,4 +53,5 @@ COMMANDS: tuple[Command, ...] = (
     nodes,
     instances,
     logs,
+    invoke,
 )
