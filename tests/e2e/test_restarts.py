@@ -67,7 +67,10 @@ def test_control_plane_restart_keeps_instances_in_place(processes: Processes) ->
 
     plane.proc.stop(signal.SIGKILL)
     # Same port, so the agent finds it again; same state dir, so it remembers everything.
-    again = start_server(processes, state_dir, listen=plane.address, name="server-again")
+    # (A fixed --listen port would put the embedded gateway on its fixed default port.)
+    again = start_server(
+        processes, state_dir, "--gateway-listen", "127.0.0.1:0", listen=plane.address, name="server-again"
+    )
 
     def reconnected() -> bool:
         nodes = again.nodes()

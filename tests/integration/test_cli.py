@@ -137,8 +137,10 @@ def test_apply_get_list_scale_rotate_delete(env: dict[str, str], tmp_path: Path)
     table = run_cli("get", "echo", env=env)
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()
-    assert header.split() == ["NAME", "PHASE", "READY", "MIN-MAX", "GPU", "REVISION", "AGE"]
-    assert row.split()[:4] == ["echo", "Standby", "0/2", "2-6"]
+    assert header.split() == [
+        "NAME", "PHASE", "READY", "QUEUED", "IN-FLIGHT", "MIN-MAX", "GPU", "REVISION", "AGE"
+    ]  # fmt: skip
+    assert row.split()[:6] == ["echo", "Standby", "0/2", "0", "0", "2-6"]
 
     as_yaml = yaml.safe_load(run_cli("get", "echo", "-o", "yaml", env=env).stdout)
     assert as_yaml["spec"]["gpu"]["core_percent"] == 25

@@ -19,6 +19,7 @@ from gpufleet.client.output import (
     phase_name,
     plain_table,
     render_table,
+    status_message_line,
 )
 from gpufleet.v1 import deployment_pb2, deployment_service_pb2 as pb, instance_pb2
 
@@ -34,7 +35,11 @@ def _deployment(name: str, created_s_ago: int) -> deployment_pb2.Deployment:
             scaling=deployment_pb2.ScalingSpec(min_instances=0, max_instances=4),
         ),
         status=deployment_pb2.DeploymentStatus(
-            phase=deployment_pb2.DEPLOYMENT_PHASE_RUNNING, ready_instances=1, desired_instances=2
+            phase=deployment_pb2.DEPLOYMENT_PHASE_RUNNING,
+            ready_instances=1,
+            desired_instances=2,
+            queue_depth=3,
+            in_flight=2,
         ),
     )
     deployment.create_time.FromSeconds(int(NOW.timestamp()) - created_s_ago)
@@ -44,10 +49,19 @@ def _deployment(name: str, created_s_ago: int) -> deployment_pb2.Deployment:
 def test_deployments_table_as_plain_aligned_text() -> None:
     table = deployments_table([_deployment("echo", 90), _deployment("a-much-longer-name", 5)], NOW)
     assert plain_table(table).splitlines() == [
-        "NAME                 PHASE     READY   MIN-MAX   GPU            REVISION   AGE",
-        "echo                 Running   1/2     0-4       2048 MiB 25%   12         1m",
-        "a-much-longer-name   Running   1/2     0-4       2048 MiB 25%   12         5s",
+        "NAME                 PHASE     READY   QUEUED   IN-FLIGHT   MIN-MAX   GPU            REVISION   AGE",
+        "echo                 Running   1/2     3        2           0-4       2048 MiB 25%   12         1m",
+        "a-much-longer-name   Running   1/2     3        2           0-4       2048 MiB 25%   12         5s",
     ]
+
+
+def test_status_message_gets_its_own_line() -> None:
+    deployment = _deployment("echo", 1)
+    assert status_message_line(deployment) == ""
+    deployment.status.message = "1 instance(s) cannot be placed: no GPU has 4096 MiB free"
+    assert status_message_line(deployment) == (
+        "message: 1 instance(s) cannot be placed: no GPU has 4096 MiB free\n"
+    )
 
 
 def test_render_table_writes_plain_text_when_not_a_terminal() -> None:

@@ -39,12 +39,19 @@ def dumps(data: object, fmt: DataFormat) -> str:
 
 
 def deployments_table(deployments: Sequence[deployment_pb2.Deployment], now: datetime) -> Table:
-    """The deployment list view; ``now`` (timezone aware) dates the AGE column."""
+    """The deployment list view; ``now`` (timezone aware) dates the AGE column.
+
+    PHASE is Standby (no instance; the next call starts one), Starting, Running, Draining
+    or Failed; READY is ready/desired instances; QUEUED and IN-FLIGHT are the calls waiting
+    in and passing through the gateways, as they last reported.
+    """
     rows = tuple(
         (
             d.name,
             phase_name(d.status.phase),
             f"{d.status.ready_instances}/{d.status.desired_instances}",
+            str(d.status.queue_depth),
+            str(d.status.in_flight),
             f"{d.spec.scaling.min_instances}-{d.spec.scaling.max_instances}",
             gpu_summary(d.spec.gpu),
             str(d.revision),
@@ -52,7 +59,16 @@ def deployments_table(deployments: Sequence[deployment_pb2.Deployment], now: dat
         )
         for d in deployments
     )
-    return Table(("NAME", "PHASE", "READY", "MIN-MAX", "GPU", "REVISION", "AGE"), rows)
+    return Table(
+        ("NAME", "PHASE", "READY", "QUEUED", "IN-FLIGHT", "MIN-MAX", "GPU", "REVISION", "AGE"),
+        rows,
+    )
+
+
+def status_message_line(deployment: deployment_pb2.Deployment) -> str:
+    """The status message as its own line under `gpufleet get`'s table; empty without one."""
+    message = deployment.status.message.strip()
+    return f"message: {message}\n" if message else ""
 
 
 def phase_name(phase: deployment_pb2.DeploymentPhase.ValueType) -> str:

@@ -5,11 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpufleet.gateway.settings import DEFAULT_LISTEN as GATEWAY_DEFAULT_LISTEN
+
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_NODE_TTL_S = 15.0
 DEFAULT_HEARTBEAT_INTERVAL_S = 2
 DEFAULT_RECONCILE_TICK_S = 0.5
 DEFAULT_LOAD_REPORT_INTERVAL_S = 1
+DEFAULT_GATEWAY_LISTEN = GATEWAY_DEFAULT_LISTEN
+"""Where `gpufleet server` and `gpufleet up` serve their embedded gateway by default (the
+same default as a standalone `gpufleet gateway`)."""
 
 
 @dataclass(frozen=True)

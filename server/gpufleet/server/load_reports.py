@@ -4,6 +4,13 @@ Each gateway's latest queue depth and in-flight count per deployment is summed o
 gateways whose report is fresh (a gateway that stops reporting drops out after
 `expire_after`). Wakeups and scale-out requests are counts since the gateway's previous
 report: they are added up until the reconciler takes them.
+
+Per instance, gateways also report calls in flight and seconds idle. An instance is only as
+idle as the busiest gateway that reported it says: its idle time is the minimum over the
+fresh reports that name it, and 0 when any of them has calls in flight on it. A gateway that
+has calls in flight on a deployment but names no instance for it (an older gateway) cannot
+say which instance is busy, so that deployment is marked `unattributed` and the reconciler
+falls back to its deployment-wide idle rule.
 """
 
 from __future__ import annotations
@@ -17,10 +24,33 @@ from gpufleet.v1 import routing_service_pb2
 
 
 @dataclass(frozen=True)
+class _DeploymentReport:
+    queue_depth: int
+    in_flight: int
+    idle: dict[str, float]
+    """Per instance this gateway named: seconds idle, 0 while it has calls in flight."""
+
+
+@dataclass(frozen=True)
 class _GatewayReport:
     at: float
-    loads: dict[str, tuple[int, int]]
-    """Per deployment: (queue depth, in flight)."""
+    loads: dict[str, _DeploymentReport]
+
+
+def _merge(
+    old: _DeploymentReport | None, load: routing_service_pb2.DeploymentLoad
+) -> _DeploymentReport:
+    idle = {} if old is None else dict(old.idle)
+    for instance in load.instances:
+        if not instance.instance_id:
+            continue
+        seconds = 0.0 if instance.in_flight > 0 else max(0.0, instance.idle_seconds)
+        idle[instance.instance_id] = min(seconds, idle.get(instance.instance_id, seconds))
+    return _DeploymentReport(
+        queue_depth=(0 if old is None else old.queue_depth) + load.queue_depth,
+        in_flight=(0 if old is None else old.in_flight) + load.in_flight,
+        idle=idle,
+    )
 
 
 class LoadBoard:
@@ -43,12 +73,11 @@ class LoadBoard:
     ) -> bool:
         """Store one gateway's report; True if it asks for instances (wakeups, scale-out)."""
         asks = False
-        latest: dict[str, tuple[int, int]] = {}
+        latest: dict[str, _DeploymentReport] = {}
         for load in loads:
             if not load.deployment:
                 continue
-            queue, in_flight = latest.get(load.deployment, (0, 0))
-            latest[load.deployment] = (queue + load.queue_depth, in_flight + load.in_flight)
+            latest[load.deployment] = _merge(latest.get(load.deployment), load)
             if load.wakeups or load.scale_out_requests:
                 asks = True
                 self._wakeups[load.deployment] += load.wakeups
@@ -70,10 +99,17 @@ class LoadBoard:
             del self._reports[gateway_id]
         queue: dict[str, int] = defaultdict(int)
         in_flight: dict[str, int] = defaultdict(int)
+        idle: dict[str, dict[str, float]] = defaultdict(dict)
+        unattributed: set[str] = set()
         for report in self._reports.values():
-            for name, (q, f) in report.loads.items():
-                queue[name] += q
-                in_flight[name] += f
+            for name, load in report.loads.items():
+                queue[name] += load.queue_depth
+                in_flight[name] += load.in_flight
+                if load.in_flight > 0 and not load.idle:
+                    unattributed.add(name)
+                seen = idle[name]
+                for instance_id, seconds in load.idle.items():
+                    seen[instance_id] = min(seconds, seen.get(instance_id, seconds))
         names = set(queue) | set(self._wakeups) | set(self._scale_outs) | set(self._last_busy)
         out = {
             name: Demand(
@@ -82,6 +118,8 @@ class LoadBoard:
                 wakeups=self._wakeups.get(name, 0),
                 scale_out_requests=self._scale_outs.get(name, 0),
                 last_busy=max(self._started_wall, self._last_busy.get(name, 0.0)),
+                instance_idle=dict(idle.get(name, {})),
+                unattributed=name in unattributed,
             )
             for name in names
         }

@@ -1,13 +1,16 @@
-"""`gpufleet up`: a control plane and one local agent in one process, for a laptop or one box.
+"""`gpufleet up`: a control plane, a gateway and one local agent in one process, for a laptop
+or one box.
 
-The two run as asyncio parts of one process; the agent still talks to the control plane
-through the real NodeService over loopback, exactly as a remote agent would. When NVML finds
-no GPU, the agent simulates two 80 GB cards so that GPU deployments can be tried anywhere.
+They run as asyncio parts of one process; the agent and the gateway still talk to the
+control plane through the real NodeService and RoutingService over loopback, exactly as
+remote ones would. When NVML finds no GPU, the agent simulates two 80 GB cards so that GPU
+deployments can be tried anywhere.
 
-SIGTERM or Ctrl-C stops both. Unlike a standalone `gpufleet agent`, `up` also stops its
-instances on the way out (a one-box setup is expected to go away as a whole); with
---keep-instances they keep running and the next `gpufleet up` on the same state dir adopts
-them.
+SIGTERM or Ctrl-C stops all three: the gateway first (calls in flight get its grace period
+while the instances still run), then the agent, then the control plane. Unlike a standalone
+`gpufleet agent`, `up` also stops its instances on the way out (a one-box setup is expected
+to go away as a whole); with --keep-instances they keep running and the next `gpufleet up`
+on the same state dir adopts them.
 """
 
 from __future__ import annotations
@@ -29,10 +32,21 @@ from gpufleet.agent.gpu.detect import detect_probe
 from gpufleet.agent.gpu.readings import GpuHealth, GpuProbe
 from gpufleet.agent.gpu.simulated import parse_simulate_gpus
 from gpufleet.agent.host import default_node_name
+from gpufleet.gateway.app import Gateway
 from gpufleet.server.app import ControlPlane, split_listen, start_control_plane
 from gpufleet.server.config import DEFAULT_LISTEN, ServerConfig
 from gpufleet.server.errors import StartupError
-from gpufleet.server.main import LISTENING_LINE, STATE_DIR_ENV
+from gpufleet.server.main import (
+    GATEWAY_LISTENING_LINE,
+    LISTENING_LINE,
+    STATE_DIR_ENV,
+    add_gateway_flags,
+    gateway_listen,
+    loopback_target,
+    start_embedded_gateway,
+)
+
+__all__ = ["FALLBACK_SIMULATED_GPUS", "PROG", "build_parser", "loopback_target", "main"]
 
 PROG = "gpufleet up"
 FALLBACK_SIMULATED_GPUS = "2x81559"
@@ -48,6 +62,7 @@ _EPILOG = f"""\
 examples:
   gpufleet up                                  # state in ~/.gpufleet, listens on {DEFAULT_LISTEN}
   gpufleet up --state-dir /tmp/gf --listen 127.0.0.1:0 --simulate-gpus 1x24576
+  gpufleet up --gateway-listen 0.0.0.0:8001              # serve inference calls to other hosts
 
 then, in another shell:
   gpufleet apply -f examples/echo.yaml && gpufleet instances && gpufleet nodes"""
@@ -96,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave instances running on exit; the next `gpufleet up` adopts them",
     )
+    add_gateway_flags(parser)
     return parser
 
 
@@ -104,16 +120,6 @@ def _state_dir(flag: Path | None, env: Mapping[str, str]) -> Path:
         return flag.expanduser().absolute()
     configured = env.get(STATE_DIR_ENV, "")
     return (Path(configured) if configured else Path.home() / ".gpufleet").expanduser().absolute()
-
-
-def loopback_target(address: str) -> str:
-    """Where a local client dials a server listening on `address` ("0.0.0.0:7" -> "127.0.0.1:7")."""
-    host, port = split_listen(address)
-    if host in ("0.0.0.0", ""):
-        return f"127.0.0.1:{port}"
-    if host in ("[::]", "::"):
-        return f"[::1]:{port}"
-    return address
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.simulate_gpus is not None:
             parse_simulate_gpus(args.simulate_gpus)
         split_listen(args.listen)
+        gateway = gateway_listen(args.gateway_listen, args.no_gateway, args.listen)
     except (ConfigError, ValueError, StartupError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -156,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         stop_instances_on_exit=not args.keep_instances,
     )
     try:
-        return asyncio.run(_run(ServerConfig(state_dir=state_dir, listen=args.listen), agent_config, probe))
+        return asyncio.run(
+            _run(ServerConfig(state_dir=state_dir, listen=args.listen), agent_config, probe, gateway)
+        )
     except (StartupError, AgentStartupError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -165,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REFUSED
 
 
-async def _run(server_config: ServerConfig, agent_config: AgentConfig, probe: GpuProbe) -> int:
+async def _run(
+    server_config: ServerConfig, agent_config: AgentConfig, probe: GpuProbe, gateway_address: str | None
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -173,15 +184,28 @@ async def _run(server_config: ServerConfig, agent_config: AgentConfig, probe: Gp
         loop.add_signal_handler(signum, stop.set)
     try:
         plane = await start_control_plane(server_config)
+        gateway: Gateway | None = None
         try:
+            if gateway_address is not None:
+                gateway = await start_embedded_gateway(plane, server_config, gateway_address)
             config = dataclasses.replace(
                 agent_config, server=loopback_target(plane.address), join_token=plane.join_token
             )
             agent = Agent(config, probe=probe)
-            _announce(plane, server_config, config, probe)
-            await agent.run(stop)
+            _announce(plane, gateway, server_config, config, probe)
+            agent_stop = asyncio.Event()
+            relay = asyncio.create_task(_stop_gateway_first(stop, gateway, agent_stop))
+            try:
+                await agent.run(agent_stop)
+            finally:
+                relay.cancel()
+                await asyncio.gather(relay, return_exceptions=True)
         finally:
-            await plane.stop()
+            try:
+                if gateway is not None:
+                    await gateway.stop()
+            finally:
+                await plane.stop()
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
@@ -189,22 +213,46 @@ async def _run(server_config: ServerConfig, agent_config: AgentConfig, probe: Gp
     return EXIT_OK
 
 
-def _announce(plane: ControlPlane, server_config: ServerConfig, agent: AgentConfig, probe: GpuProbe) -> None:
+async def _stop_gateway_first(stop: asyncio.Event, gateway: Gateway | None, agent_stop: asyncio.Event) -> None:
+    """On the signal, let the gateway finish its calls while the instances still run, then
+    stop the agent (and with it, by default, the instances)."""
+    await stop.wait()
+    try:
+        if gateway is not None:
+            await gateway.stop()
+    finally:
+        agent_stop.set()
+
+
+def _announce(
+    plane: ControlPlane, gateway: Gateway | None, server_config: ServerConfig, agent: AgentConfig, probe: GpuProbe
+) -> None:
     state_dir = server_config.state_dir
     gpus = probe.read().gpus
     simulated = any(gpu.health == GpuHealth.SIMULATED for gpu in gpus)
     kind = "simulated " if simulated else ""
     env_hint = "" if _is_default_state_dir(state_dir) else f"  (export {STATE_DIR_ENV}={state_dir})"
     exit_note = "stops its instances" if agent.stop_instances_on_exit else "leaves instances running"
+    if gateway is None:
+        data_plane = "  no gateway (--no-gateway): run `gpufleet gateway` to serve inference calls\n"
+    else:
+        data_plane = (
+            f"{GATEWAY_LISTENING_LINE.format(address=gateway.address)}\n"
+            f"  inference calls (Open Inference Protocol, model name = deployment name) go to "
+            f"{loopback_target(gateway.address)} with metadata 'authorization: Bearer <invoke "
+            "token>' (printed by `gpufleet apply`)\n"
+        )
     print(
         f"{LISTENING_LINE.format(address=plane.address)}\n"
+        f"{data_plane}"
         f"  admin token: {state_dir / 'admin-token'}; the CLI reads it from there{env_hint}\n"
         f"  join token for more agents: {state_dir / 'join-token'}\n"
         f"  local agent: node {agent.node_name!r} with {len(gpus)} {kind}GPU(s), state in "
         f"{agent.state_dir}, instances run in {agent.workdir}\n"
         f"  try: gpufleet --server {plane.address} apply -f examples/echo.yaml && gpufleet "
         f"--server {plane.address} instances\n"
-        f"  stop: Ctrl-C or kill -TERM {os.getpid()} (stops the control plane and the agent; "
+        f"  stop: Ctrl-C or kill -TERM {os.getpid()} (stops the gateway, the control plane and "
+        "the agent; "
         f"{exit_note})",
         flush=True,
     )

@@ -262,6 +262,7 @@ def _plan_deployment(
         ],
         decision.desired,
         rollout_limits(spec),
+        prefer_stop=decision.release,
     )
     drain = tuple(
         InstanceMark(

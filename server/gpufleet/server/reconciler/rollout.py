@@ -1,7 +1,8 @@
 """Which instances of one deployment to start and to stop in this pass. Pure, no I/O.
 
 Without an update in progress this is plain scaling: start the missing instances, stop the
-surplus (failed first, then those not ready yet, then the newest ready ones).
+surplus (failed first, then those the scaling policy chose to release, in its order, then
+those not ready yet, then the newest ready ones).
 
 A rolling update runs while some live instances run an outdated spec. As in Kubernetes'
 deployment controller, with N the desired count:
@@ -98,20 +99,41 @@ def same_runtime(a: deployment_pb2.DeploymentSpec, b: deployment_pb2.DeploymentS
     return runtime_spec(a) == runtime_spec(b)
 
 
-def stop_order(members: Sequence[Member]) -> list[Member]:
-    """Best candidates to stop first: failed, then not ready, then ready; newest first."""
-    return sorted(members, key=lambda m: (not m.failed, m.ready, -m.created, m.instance_id))
+def stop_order(members: Sequence[Member], prefer: Sequence[str] = ()) -> list[Member]:
+    """Best candidates to stop first: failed, then those in `prefer` (in its order), then
+    not ready, then ready; newest first."""
+    rank = {instance_id: index for index, instance_id in enumerate(prefer)}
+    return sorted(
+        members,
+        key=lambda m: (
+            not m.failed,
+            rank.get(m.instance_id, len(rank)),
+            m.ready,
+            -m.created,
+            m.instance_id,
+        ),
+    )
 
 
-def plan_step(members: Sequence[Member], desired: int, limits: RolloutLimits) -> Step:
-    """Decide starts and stops for one live deployment (see the module docstring)."""
+def plan_step(
+    members: Sequence[Member],
+    desired: int,
+    limits: RolloutLimits,
+    prefer_stop: Sequence[str] = (),
+) -> Step:
+    """Decide starts and stops for one live deployment (see the module docstring).
+
+    prefer_stop: the instances the scaling policy would release first (idle ones), so that a
+    scale-down drains an idle instance rather than a busy one.
+    """
     current = [m for m in members if m.current]
     outdated = [m for m in members if not m.current]
     if not outdated:
         if len(members) < desired:
             return Step(start=desired - len(members))
         surplus = len(members) - desired
-        return Step(stop=tuple(m.instance_id for m in stop_order(members)[:surplus]))
+        ordered = stop_order(members, prefer_stop)
+        return Step(stop=tuple(m.instance_id for m in ordered[:surplus]))
 
     failed_new = sorted((m for m in current if m.failed), key=lambda m: m.instance_id)
     if failed_new:

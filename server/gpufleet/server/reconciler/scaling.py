@@ -7,15 +7,21 @@ with what the gateways report through ReportLoad, summed over gateways. On top o
 * scale-out calls ask for one more instance each, beyond those the deployment has;
 * the result stays within [min_instances, max_instances].
 
-Gateways report load per deployment, not per instance, so an instance's idle clock runs
-from the later of the moment it became ready and the last time the deployment had any
-load; before the first report that moment is the control plane's start, so a restarted
-control plane does not release instances whose recent traffic it never saw.
+Idle release works per instance (`idle_seconds`). Gateways report, per instance, calls in
+flight and seconds idle; the load board keeps the minimum over the gateways that reported
+it recently (any gateway with calls in flight on it makes it busy). The idle clock only
+runs while the instance is READY, so that minimum is capped by the time since it became
+ready. An instance no gateway reported on (no gateway runs, or it has not seen the
+instance yet), or a deployment some gateway has calls in flight on without naming the
+instance, falls back to the deployment-wide rule: the clock runs from the later of the
+moment the instance became ready and the last time the deployment had any load; before
+the first report that moment is the control plane's start, so a restarted control plane
+does not release instances whose recent traffic it never saw.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gpufleet.gateway.autoscale import AutoscaleContext, AutoscaleState, InstanceLoad, decide
@@ -37,6 +43,12 @@ class Demand:
     """Calls with route rule scale-out, since the last pass."""
     last_busy: float = 0.0
     """Wall time the deployment last had load (or the control plane started)."""
+    instance_idle: Mapping[str, float] = field(default_factory=dict)
+    """Per instance some fresh gateway reported: seconds idle, the minimum over those
+    gateways (0 when any has calls in flight on it)."""
+    unattributed: bool = False
+    """Some fresh gateway has calls in flight on the deployment without naming instances,
+    so per-instance idle times cannot be trusted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +77,27 @@ class ScaleDecision:
 
     desired: int
     reason: str
+    release: tuple[str, ...] = ()
+    """Instances to stop first when the count goes down, best candidates first (idle past
+    idle_retention, then still starting, then the idlest ready ones)."""
+
+
+def idle_seconds(instance: CountedInstance, demand: Demand, now: float) -> float:
+    """How long `instance` has been ready with no call in flight (`now` is wall time).
+
+    0 while it is not ready. Per-instance gateway reports win, capped by the time since it
+    became ready; without them the deployment-wide rule applies (see the module docstring).
+    """
+    if not instance.ready:
+        return 0.0
+    ready_since = now if instance.ready_since is None else instance.ready_since
+    ready_for = max(0.0, now - ready_since)
+    reported = demand.instance_idle.get(instance.instance_id)
+    if reported is not None and not demand.unattributed:
+        return min(max(0.0, reported), ready_for)
+    if demand.queue_depth + demand.in_flight > 0:
+        return 0.0
+    return max(0.0, now - max(ready_since, demand.last_busy))
 
 
 def desired_count(
@@ -88,17 +121,8 @@ def desired_count(
     counted = list(instances)
     if memory.desired is not None:
         counted = sorted(counted, key=lambda i: (not i.ready, i.instance_id))[: memory.desired]
-    busy = demand.queue_depth + demand.in_flight > 0
     loads = [
-        InstanceLoad(
-            instance_id=i.instance_id,
-            ready=i.ready,
-            idle_s=(
-                0.0
-                if busy or not i.ready
-                else max(0.0, now - max(i.ready_since or now, demand.last_busy))
-            ),
-        )
+        InstanceLoad(instance_id=i.instance_id, ready=i.ready, idle_s=idle_seconds(i, demand, now))
         for i in counted
     ]
     decision, state = decide(
@@ -121,4 +145,7 @@ def desired_count(
     bounded = max(low, min(high, desired))
     if bounded != desired:
         reason = f"{reason}; bounded to [{low}, {high}]"
-    return ScaleDecision(bounded, reason), ScaleMemory(desired=bounded, autoscale=state)
+    return (
+        ScaleDecision(bounded, reason, release=decision.release),
+        ScaleMemory(desired=bounded, autoscale=state),
+    )

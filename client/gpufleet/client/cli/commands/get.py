@@ -9,7 +9,13 @@ from datetime import UTC, datetime
 from gpufleet.client.cli.context import connect
 from gpufleet.client.cli.errors import EXIT_OK
 from gpufleet.client.cli.options import Subparsers, add_command, output_format
-from gpufleet.client.output import deployments_table, dumps, message_dict, render_table
+from gpufleet.client.output import (
+    deployments_table,
+    dumps,
+    message_dict,
+    render_table,
+    status_message_line,
+)
 
 
 def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
@@ -17,7 +23,9 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         subparsers,
         "get",
         help="show one deployment",
-        description="Show one deployment: a summary row, or everything with -o json|yaml.",
+        description="Show one deployment: a summary row (phase Standby, Starting, Running, "
+        "Draining or Failed; ready/desired instances; calls queued and in flight) with the "
+        "status message on its own line, or everything with -o json|yaml.",
         example="  gpufleet get echo\n  gpufleet get echo -o yaml > echo.yaml",
     )
     parser.add_argument("name", help="deployment name")
@@ -30,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     fmt = output_format(args)
     if fmt == "table":
         render_table(deployments_table([deployment], datetime.now(UTC)), sys.stdout)
+        sys.stdout.write(status_message_line(deployment))
     else:
         sys.stdout.write(dumps(message_dict(deployment), fmt))
     return EXIT_OK

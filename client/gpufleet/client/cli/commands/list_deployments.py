@@ -17,7 +17,9 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         subparsers,
         "list",
         help="list deployments",
-        description="List deployments ordered by name, optionally only those carrying labels.",
+        description="List deployments ordered by name, optionally only those carrying labels: "
+        "phase (Standby, Starting, Running, Draining, Failed), ready/desired instances, and "
+        "calls queued and in flight.",
         example="  gpufleet list\n  gpufleet list -l team=vision -l tier=prod -o json",
     )
     parser.add_argument(
