@@ -61,6 +61,16 @@ log = logging.getLogger(__name__)
 _CHANGE_COALESCE_S = 0.05
 
 
+@dataclasses.dataclass(frozen=True)
+class HeartbeatReadings:
+    """What the latest heartbeat reported (for the metrics endpoint)."""
+
+    gpus: GpuProbeResult
+    """The GPU probe's reading."""
+    instances: tuple[InstanceStatusSnapshot, ...]
+    """Every instance's status, with its measured GPU use."""
+
+
 class AgentStartupError(Exception):
     """The agent cannot start as configured; the message says what to change."""
 
@@ -109,6 +119,15 @@ class Agent:
         self._declared: set[str] = set()
         self.connected = asyncio.Event()
         """Set while a Connect stream is open and the control plane has answered on it."""
+        # Read by the metrics endpoint from its own thread: only replaced, never mutated.
+        self.last_readings: HeartbeatReadings | None = None
+        """What the latest heartbeat reported; None before the first one."""
+        self.heartbeats_sent = 0
+        """Heartbeats written to a Connect stream."""
+        self.heartbeat_send_failures = 0
+        """Heartbeats whose write failed (the stream broke; the agent reconnects)."""
+        self.connection_failures = 0
+        """Connection attempts (register or Connect) that ended in an error."""
 
     @property
     def identity(self) -> NodeIdentity | None:
@@ -213,6 +232,8 @@ class Agent:
                 return
             if problem is None:
                 problem = "the control plane closed the stream"
+            else:
+                self.connection_failures += 1
             delay = backoff.next_delay()
             log.warning(
                 "control plane %s: %s; instances keep running; retrying in %.1fs",
@@ -349,7 +370,13 @@ class Agent:
         changed = self.supervisor.changed
         while True:
             changed.clear()
-            await stream.send(await self.heartbeat())
+            heartbeat = await self.heartbeat()
+            try:
+                await stream.send(heartbeat)
+            except Exception:
+                self.heartbeat_send_failures += 1
+                raise
+            self.heartbeats_sent += 1
             try:
                 async with asyncio.timeout(self._heartbeat_interval):
                     await changed.wait()
@@ -414,6 +441,7 @@ class Agent:
         self._restart_overruns(statuses)
         managed = {status.instance_id for status in statuses}
         statuses += [status for key, status in self._rejected.items() if key not in managed]
+        self.last_readings = HeartbeatReadings(result, tuple(statuses))
         return build_heartbeat(
             result, statuses, self._capacity, self._version, self._config.advertise_host
         )

@@ -9,6 +9,8 @@ replacements elsewhere and tells this node to stop the old instances when it ret
 
 Exit status: 0 after a signal, 2 for bad flags or an unusable state dir, 1 when the control
 plane refuses to register the node (bad join token or labels).
+
+`gpufleet agent install-systemd ...` writes a systemd unit instead (see install.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NoReturn
 
+from gpufleet.agent import install
 from gpufleet.agent.agent import Agent, AgentStartupError, RegistrationRefusedError
 from gpufleet.agent.config import (
     AgentConfig,
@@ -34,20 +37,26 @@ from gpufleet.agent.config import (
 )
 from gpufleet.agent.gpu.simulated import parse_simulate_gpus
 from gpufleet.agent.host import default_node_name, route_source_address
+from gpufleet.agent.metrics import MetricsServer, parse_metrics_listen, start_agent_metrics
 
 PROG = "gpufleet agent"
 SERVER_ENV = "GPUFLEET_SERVER"
 JOIN_TOKEN_ENV = "GPUFLEET_JOIN_TOKEN"
 DEFAULT_SERVER = "127.0.0.1:50051"
+INSTALL_COMMAND = "install-systemd"
+METRICS_LINE = "gpufleet agent metrics on {url}"
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
 _EPILOG = """\
-examples:
+Examples:
   gpufleet agent --server 10.0.0.5:50051 --join-token "$(cat join-token)" --labels zone=a
   gpufleet agent --server 127.0.0.1:50051 --join-token T --simulate-gpus 2x81559
+  sudo gpufleet agent install-systemd --server 10.0.0.5:50051 --join-token T   # a service
+
+Run `gpufleet agent install-systemd --help` to install the agent as a systemd service.
 
 SIGTERM/SIGINT stop the agent but leave its instances running; the next agent on the same
 --state-dir adopts them. Use --stop-instances-on-exit to stop them too."""
@@ -125,6 +134,13 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
         help="heartbeat period (default: what the control plane asks for)",
     )
     parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics; a bare PORT "
+        "binds 127.0.0.1 (default: no metrics endpoint)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default: INFO"
     )
     return parser
@@ -183,13 +199,19 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] = os.envir
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the agent; see the module docstring for exit statuses."""
+    """Run the agent (or `install-systemd ...`); see the module docstring for exit statuses."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == [INSTALL_COMMAND]:
+        return install.main(argv[1:], build_parser(env={}))
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
         config = config_from_args(args)
+        if args.metrics_listen is not None:
+            parse_metrics_listen(args.metrics_listen)  # a typo fails before anything starts
     except ConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -199,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(run_until_signal(Agent(config)))
+        asyncio.run(run_until_signal(Agent(config), metrics_listen=args.metrics_listen))
     except AgentStartupError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -209,8 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
-async def run_until_signal(agent: Agent) -> None:
-    """Run `agent` until SIGTERM or SIGINT."""
+async def run_until_signal(agent: Agent, metrics_listen: str | None = None) -> None:
+    """Run `agent` until SIGTERM or SIGINT, serving its metrics at `metrics_listen` if given
+    (AgentStartupError when that address cannot be bound)."""
+    metrics: MetricsServer | None = None
+    if metrics_listen is not None:
+        metrics = start_agent_metrics(agent, metrics_listen)
+        print(METRICS_LINE.format(url=metrics.url), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -221,4 +248,6 @@ async def run_until_signal(agent: Agent) -> None:
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
+        if metrics is not None:
+            await metrics.stop()
     logging.getLogger(__name__).info("agent stopped")

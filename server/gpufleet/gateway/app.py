@@ -26,6 +26,7 @@ from gpufleet.gateway.admission import DeploymentAdmission
 from gpufleet.gateway.config import AdmissionConfig
 from gpufleet.gateway.dispatch import Dispatcher
 from gpufleet.gateway.load_reporter import LoadReporter
+from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.oip_service import SERVICE_NAME as INFERENCE_SERVICE
 from gpufleet.gateway.oip_service import InferenceService
 from gpufleet.gateway.proxy import ProxyHandler
@@ -73,6 +74,8 @@ class Gateway:
     """The ReportLoad client."""
     upstreams: UpstreamPool
     """The channels to instances."""
+    metrics: GatewayMetrics
+    """Per-deployment call metrics; serve them with gateway.metrics.start_gateway_metrics."""
     _control_channel: grpc.aio.Channel
     _health: AsyncHealthServicer
     _tasks: list[asyncio.Task[None]]
@@ -144,7 +147,8 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
         initial_backoff_s=config.reconnect_initial_backoff_s,
         max_backoff_s=config.reconnect_max_backoff_s,
     )
-    dispatcher = Dispatcher(table, upstreams)
+    metrics = GatewayMetrics(table, asyncio.get_running_loop())
+    dispatcher = Dispatcher(table, upstreams, metrics)
     server = grpc.aio.server(options=[*_SERVER_OPTIONS, *message_options])
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -185,6 +189,7 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
         watcher=watcher,
         reporter=reporter,
         upstreams=upstreams,
+        metrics=metrics,
         _control_channel=control_channel,
         _health=health_servicer,
         _tasks=tasks,

@@ -10,24 +10,38 @@ The steps, in order, each ending the call with its own status:
    (queue, rate limit, quota and target errors from DESIGN.md's table);
 5. the instance's channel.
 
-The resulting `CallTarget` must be released when the call ends, however it ends.
+The resulting `CallTarget` must be released when the call ends, however it ends: use it as
+a context manager (`with await dispatcher.admit(...) as target:`), whose exit also tells the
+dispatcher's `CallObserver` (the gateway's metrics) how the call ended.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import grpc
 
 from gpufleet.gateway.admission import Lease
+from gpufleet.gateway.call_observer import (
+    CALL_KIND,
+    CLIENT_CANCELLED,
+    NULL_OBSERVER,
+    OTHER_KIND,
+    UNKNOWN_DEPLOYMENT,
+    CallObserver,
+    call_outcome,
+)
 from gpufleet.gateway.errors import GatewayError, Reason
 from gpufleet.gateway.invoke_auth import check_invoke_token
 from gpufleet.gateway.metadata import Metadatum, first_text, first_value
 from gpufleet.gateway.route_rules import (
     ROUTE_RULE_METADATA_KEY,
+    RouteRule,
     RouteRuleError,
     RuleKind,
     parse_route_rule,
@@ -47,6 +61,14 @@ class CallTarget:
     """Its slot on the instance."""
     upstream: Upstream
     """The instance's channel."""
+    context: grpc.aio.ServicerContext[Any, Any] | None = None
+    """The call's server context; its status is read when the call ends."""
+    kind: str = OTHER_KIND
+    """Handler kind (see call_observer.CALL_KIND)."""
+    arrived_at: float = 0.0
+    """time.monotonic() when the call arrived at the gateway."""
+    observer: CallObserver = field(default=NULL_OBSERVER)
+    """Told how the call ended."""
 
     @property
     def instance_id(self) -> str:
@@ -73,14 +95,29 @@ class CallTarget:
         traceback: TracebackType | None,
     ) -> None:
         self.release()
+        if self.context is not None:
+            code, reason = call_outcome(exc, self.context)
+            self.observer.ended(
+                self.deployment.name,
+                self.kind,
+                code,
+                reason,
+                time.monotonic() - self.arrived_at,
+            )
 
 
 class Dispatcher:
     """Admits calls against the route table."""
 
-    def __init__(self, table: RouteTable, upstreams: UpstreamPool) -> None:
+    def __init__(
+        self,
+        table: RouteTable,
+        upstreams: UpstreamPool,
+        observer: CallObserver | None = None,
+    ) -> None:
         self._table = table
         self._upstreams = upstreams
+        self._observer: CallObserver = NULL_OBSERVER if observer is None else observer
 
     def find(self, name: str) -> DeploymentState:
         """The deployment a call to `name` goes to; CallError NOT_FOUND if none."""
@@ -101,9 +138,42 @@ class Dispatcher:
         context: grpc.aio.ServicerContext[Any, Any],
         metadata: Iterable[Metadatum] | None,
     ) -> CallTarget:
-        """Run steps 1-5 for a call to `name`; raises CallError."""
-        entries = tuple(metadata or ())
-        state = self.find(name)
+        """Run steps 1-5 for a call to `name`; raises CallError.
+
+        The observer hears here of the call's arrival, of a cold start (no ready instance
+        when the call reaches admission), and of its refusal or admission; the returned
+        target tells it how the call ended.
+        """
+        arrived_at = time.monotonic()
+        kind = CALL_KIND.get()
+        observer = self._observer
+        try:
+            state = self.find(name)
+        except CallError as err:
+            observer.arrived(UNKNOWN_DEPLOYMENT, kind)
+            observer.rejected(UNKNOWN_DEPLOYMENT, kind, err.code, err.reason)
+            raise
+        observer.arrived(state.name, kind)
+        try:
+            rule, hash_value = self._route_rule(state, tuple(metadata or ()))
+            cold = not state.has_ready_endpoint()
+            if cold:
+                observer.cold_start(state.name)
+            lease, upstream = await self._acquire(state, context, rule, hash_value)
+        except CallError as err:
+            observer.rejected(state.name, kind, err.code, err.reason)
+            raise
+        except asyncio.CancelledError:
+            observer.ended(state.name, kind, grpc.StatusCode.CANCELLED, CLIENT_CANCELLED, None)
+            raise
+        observer.admitted(state.name, kind, cold, time.monotonic() - arrived_at)
+        return CallTarget(state, lease, upstream, context, kind, arrived_at, observer)
+
+    @staticmethod
+    def _route_rule(
+        state: DeploymentState, entries: tuple[Metadatum, ...]
+    ) -> tuple[RouteRule, str | bytes | None]:
+        """Steps 2 and 3: the invoke token, then the route rule and its hash value."""
         check_invoke_token(entries, state.name, state.invoke_token_sha256)
         try:
             rule = parse_route_rule(first_text(entries, ROUTE_RULE_METADATA_KEY))
@@ -116,6 +186,16 @@ class Dispatcher:
                 bad_field=ROUTE_RULE_METADATA_KEY,
             ) from None
         hash_value = first_value(entries, rule.hash_key) if rule.kind is RuleKind.HASH else None
+        return rule, hash_value
+
+    async def _acquire(
+        self,
+        state: DeploymentState,
+        context: grpc.aio.ServicerContext[Any, Any],
+        rule: RouteRule,
+        hash_value: str | bytes | None,
+    ) -> tuple[Lease, Upstream]:
+        """Steps 4 and 5: a slot on an instance, then the instance's channel."""
         # Typed as float, but None when the call has no deadline.
         remaining: float | None = context.time_remaining()
         try:
@@ -138,4 +218,4 @@ class Dispatcher:
                 reason=Reason.ROUTE_TARGET_NOT_FOUND.value,
                 metadata={"deployment": state.name, "instance": lease.instance_id},
             )
-        return CallTarget(state, lease, self._upstreams.checkout(address))
+        return lease, self._upstreams.checkout(address)

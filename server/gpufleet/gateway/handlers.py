@@ -1,5 +1,9 @@
 """The one wrapper every gateway RPC behavior runs in: refusals become their status,
-anything unexpected is logged and answered INTERNAL (no traceback reaches a client)."""
+anything unexpected is logged and answered INTERNAL (no traceback reaches a client).
+
+It also names the kind of call for the metrics: the behavior's name (`model_infer`,
+`model_stream_infer`, `model_metadata`, `proxy`, ...) is set as `CALL_KIND` while it runs.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from gpufleet.gateway.call_observer import CALL_KIND, OTHER_KIND
 from gpufleet.gateway.rpc_errors import CallError, abort_call
 
 _log = logging.getLogger(__name__)
@@ -26,8 +31,11 @@ def guarded(
 ) -> Callable[[_Request, _Context], Awaitable[_Response]]:
     """Wrap a unary or write-style streaming behavior (a coroutine function)."""
 
+    kind: str = getattr(behavior, "__name__", OTHER_KIND)
+
     @functools.wraps(behavior)
     async def wrapper(request: _Request, context: _Context) -> _Response:
+        kind_token = CALL_KIND.set(kind)
         try:
             return await behavior(request, context)
         except CallError as err:
@@ -37,5 +45,7 @@ def guarded(
         except Exception:  # noqa: BLE001 - the point of this wrapper
             _log.exception("unexpected error in %s", getattr(behavior, "__qualname__", "a call"))
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        finally:
+            CALL_KIND.reset(kind_token)
 
     return wrapper

@@ -13,16 +13,24 @@ from pathlib import Path
 from typing import NoReturn
 
 from gpufleet.gateway.app import start_gateway
+from gpufleet.gateway.metrics import start_gateway_metrics
 from gpufleet.gateway.settings import DEFAULT_LISTEN, GatewayConfig, default_gateway_id
 from gpufleet.server.errors import StartupError
+from gpufleet.server.metrics_http import MetricsServer, parse_metrics_listen
 
 PROG = "gpufleet gateway"
 LISTENING_LINE = "gpufleet gateway listening on {address}"
+METRICS_LINE = "gpufleet gateway metrics on {url}"
 DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "GPUFLEET_SERVER"
 TOKEN_ENV = "GPUFLEET_TOKEN"
 STATE_DIR_ENV = "GPUFLEET_STATE_DIR"
 TOKEN_FILE = "admin-token"
+_EPILOG = f"""\
+Examples:
+  gpufleet gateway --server 10.0.0.5:50051 --token-file /var/lib/gpufleet/server/admin-token
+  gpufleet gateway --server 10.0.0.5:50051 --listen 0.0.0.0:8001 --tls-cert gw.pem --tls-key gw.key
+  {SERVER_ENV}=10.0.0.5:50051 {TOKEN_ENV}="$TOKEN" gpufleet gateway"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Run a gpufleet gateway: the data plane that serves inference calls "
         "and proxies gRPC calls to deployments.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--server",
@@ -61,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--gateway-id", default=None, help="name in load reports (default: HOSTNAME-PID)"
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics; a bare "
+        "PORT binds 127.0.0.1 (default: no metrics endpoint)",
     )
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate for the data plane port")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -144,25 +161,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = config_from_args(args, os.environ, Path.home())
-        return asyncio.run(_run(config))
+        if args.metrics_listen is not None:
+            parse_metrics_listen(args.metrics_listen)  # a typo fails before anything starts
+        return asyncio.run(_run(config, args.metrics_listen))
     except StartupError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         return 2
 
 
-async def _run(config: GatewayConfig) -> int:
+async def _run(config: GatewayConfig, metrics_listen: str | None) -> int:
     gateway = await start_gateway(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
+    metrics: MetricsServer | None = None
     try:
+        if metrics_listen is not None:
+            metrics = start_gateway_metrics(gateway, metrics_listen)
         print(LISTENING_LINE.format(address=gateway.address), flush=True)
+        if metrics is not None:
+            print(METRICS_LINE.format(url=metrics.url), flush=True)
         await stop.wait()
         logging.getLogger(__name__).info("stopping on signal")
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
-        await gateway.stop()
+        try:
+            if metrics is not None:
+                await metrics.stop()
+        finally:
+            await gateway.stop()
     return 0

@@ -33,6 +33,7 @@ from gpufleet.server.config import ServerConfig
 from gpufleet.server.errors import StartupError
 from gpufleet.server.join_tokens import JoinToken, load_or_create_join_token
 from gpufleet.server.load_reports import LoadBoard
+from gpufleet.server.metrics import ReconcileMetrics
 from gpufleet.server.node_hub import NodeHub
 from gpufleet.server.nodes import NodeTracker
 from gpufleet.server.reconciler.loop import Reconciler, ReconcilerSettings
@@ -78,6 +79,8 @@ class ControlPlane:
     """The running reconciler; None when the config turned it off."""
     node_tracker: NodeTracker
     """Latest heartbeat per node."""
+    reconcile_metrics: ReconcileMetrics
+    """Reconcile pass counts and durations (for start_control_plane_metrics)."""
     _health: AsyncHealthServicer
     _lock: StateDirLock
     _hub: NodeHub
@@ -153,6 +156,7 @@ async def start_control_plane(config: ServerConfig) -> ControlPlane:
         join_token=join.token,
         reconciler=node_side.reconciler,
         node_tracker=node_side.tracker,
+        reconcile_metrics=node_side.reconcile_metrics,
         _health=health_servicer,
         _lock=lock,
         _hub=node_side.hub,
@@ -166,6 +170,7 @@ class _NodeSide:
     hub: NodeHub
     loads: LoadBoard
     reconciler: Reconciler | None
+    reconcile_metrics: ReconcileMetrics
 
     def wake(self) -> None:
         if self.reconciler is not None:
@@ -198,6 +203,7 @@ async def _node_side(config: ServerConfig, store: Store) -> _NodeSide:
         expire_after=_LOAD_REPORTS_KEPT_INTERVALS * config.load_report_interval,
         started_wall=time.time(),
     )
+    reconcile_metrics = ReconcileMetrics()
     reconciler = None
     if config.reconcile:
         reconciler = Reconciler(
@@ -210,8 +216,9 @@ async def _node_side(config: ServerConfig, store: Store) -> _NodeSide:
                 heartbeat_interval=config.heartbeat_interval,
                 tick=config.reconcile_tick,
             ),
+            on_pass=reconcile_metrics.observe_pass,
         )
-    return _NodeSide(credentials, tracker, hub, loads, reconciler)
+    return _NodeSide(credentials, tracker, hub, loads, reconciler, reconcile_metrics)
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -21,6 +21,8 @@ from gpufleet.gateway.app import Gateway, start_gateway
 from gpufleet.gateway.main import LISTENING_LINE as GATEWAY_LISTENING_LINE
 from gpufleet.gateway.settings import GatewayConfig, default_gateway_id
 from gpufleet.server.app import ControlPlane, split_listen, start_control_plane
+from gpufleet.server.metrics import start_control_plane_metrics
+from gpufleet.server.metrics_http import MetricsServer, parse_metrics_listen
 from gpufleet.server.config import (
     DEFAULT_GATEWAY_LISTEN,
     DEFAULT_HEARTBEAT_INTERVAL_S,
@@ -28,11 +30,22 @@ from gpufleet.server.config import (
     DEFAULT_NODE_TTL_S,
     ServerConfig,
 )
+from gpufleet.server import join_token_cli
 from gpufleet.server.errors import StartupError
 
 STATE_DIR_ENV = "GPUFLEET_STATE_DIR"
 PROG = "gpufleet server"
 LISTENING_LINE = "gpufleet control plane listening on {address}"
+JOIN_TOKEN_COMMAND = "join-token"
+_EPILOG = """\
+Examples:
+  gpufleet server                                   # state in ~/.gpufleet, 127.0.0.1:50051
+  gpufleet server --state-dir /var/lib/gpufleet/server --listen 0.0.0.0:50051 \\
+      --gateway-listen 0.0.0.0:8001
+  gpufleet server join-token create --ttl 24h       # a join token for a new GPU node
+  gpufleet server join-token list
+
+`gpufleet server join-token --help` tells more about join tokens."""
 __all__ = [
     "GATEWAY_LISTENING_LINE",
     "LISTENING_LINE",
@@ -57,7 +70,12 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags of `gpufleet server`."""
-    parser = _Parser(prog=PROG, description="Run the gpufleet control plane.")
+    parser = _Parser(
+        prog=PROG,
+        description="Run the gpufleet control plane.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--state-dir",
         type=Path,
@@ -94,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {DEFAULT_HEARTBEAT_INTERVAL_S})",
     )
     add_gateway_flags(parser)
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve Prometheus metrics of the control plane and its embedded gateway over "
+        "plain HTTP at http://HOST:PORT/metrics; a bare PORT binds 127.0.0.1 (default: no "
+        "metrics endpoint)",
+    )
     return parser
 
 
@@ -221,7 +247,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the server; 0 after a graceful stop, 2 for bad flags or startup errors."""
+    """Run the server; 0 after a graceful stop, 2 for bad flags or startup errors.
+    `gpufleet server join-token ...` manages join tokens instead (join_token_cli.py)."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == [JOIN_TOKEN_COMMAND]:
+        return join_token_cli.main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
@@ -236,13 +267,17 @@ def main(argv: list[str] | None = None) -> int:
         gateway = gateway_listen(args.gateway_listen, args.no_gateway, config.listen)
         if gateway is not None:
             check_embeddable(config)  # before anything starts
-        return asyncio.run(_run(config, gateway))
+        if args.metrics_listen is not None:
+            parse_metrics_listen(args.metrics_listen)
+        return asyncio.run(_run(config, gateway, args.metrics_listen))
     except StartupError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         return 2
 
 
-async def _run(config: ServerConfig, gateway_address: str | None) -> int:
+async def _run(
+    config: ServerConfig, gateway_address: str | None, metrics_listen: str | None
+) -> int:
     plane = await start_control_plane(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -250,18 +285,25 @@ async def _run(config: ServerConfig, gateway_address: str | None) -> int:
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     gateway: Gateway | None = None
+    metrics: MetricsServer | None = None
     try:
         if gateway_address is not None:
             gateway = await start_embedded_gateway(plane, config, gateway_address)
+        if metrics_listen is not None:
+            metrics = start_control_plane_metrics(plane, metrics_listen, gateway=gateway)
         print(LISTENING_LINE.format(address=plane.address), flush=True)
         if gateway is not None:
             print(GATEWAY_LISTENING_LINE.format(address=gateway.address), flush=True)
+        if metrics is not None:
+            print(f"gpufleet control plane metrics on {metrics.url}", flush=True)
         await stop.wait()
         logging.getLogger(__name__).info("stopping on signal")
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
         try:
+            if metrics is not None:
+                await metrics.stop()
             if gateway is not None:
                 await gateway.stop()
         finally:

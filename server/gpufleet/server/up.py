@@ -32,7 +32,10 @@ from gpufleet.agent.gpu.detect import detect_probe
 from gpufleet.agent.gpu.readings import GpuHealth, GpuProbe
 from gpufleet.agent.gpu.simulated import parse_simulate_gpus
 from gpufleet.agent.host import default_node_name
+from gpufleet.agent.metrics import AgentMetrics
 from gpufleet.gateway.app import Gateway
+from gpufleet.server.metrics import start_control_plane_metrics
+from gpufleet.server.metrics_http import MetricsServer, parse_metrics_listen
 from gpufleet.server.app import ControlPlane, split_listen, start_control_plane
 from gpufleet.server.config import DEFAULT_LISTEN, ServerConfig
 from gpufleet.server.errors import StartupError
@@ -59,7 +62,7 @@ EXIT_USAGE = 2
 _log = logging.getLogger(__name__)
 
 _EPILOG = f"""\
-examples:
+Examples:
   gpufleet up                                  # state in ~/.gpufleet, listens on {DEFAULT_LISTEN}
   gpufleet up --state-dir /tmp/gf --listen 127.0.0.1:0 --simulate-gpus 1x24576
   gpufleet up --gateway-listen 0.0.0.0:8001              # serve inference calls to other hosts
@@ -112,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave instances running on exit; the next `gpufleet up` adopts them",
     )
     add_gateway_flags(parser)
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve Prometheus metrics of the control plane, the gateway and the agent over "
+        "plain HTTP at http://HOST:PORT/metrics; a bare PORT binds 127.0.0.1 (default: off)",
+    )
     return parser
 
 
@@ -134,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             parse_simulate_gpus(args.simulate_gpus)
         split_listen(args.listen)
         gateway = gateway_listen(args.gateway_listen, args.no_gateway, args.listen)
+        if args.metrics_listen is not None:
+            parse_metrics_listen(args.metrics_listen)
     except (ConfigError, ValueError, StartupError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -164,7 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return asyncio.run(
-            _run(ServerConfig(state_dir=state_dir, listen=args.listen), agent_config, probe, gateway)
+            _run(
+                ServerConfig(state_dir=state_dir, listen=args.listen),
+                agent_config,
+                probe,
+                gateway,
+                args.metrics_listen,
+            )
         )
     except (StartupError, AgentStartupError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
@@ -175,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run(
-    server_config: ServerConfig, agent_config: AgentConfig, probe: GpuProbe, gateway_address: str | None
+    server_config: ServerConfig,
+    agent_config: AgentConfig,
+    probe: GpuProbe,
+    gateway_address: str | None,
+    metrics_listen: str | None = None,
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -185,6 +207,7 @@ async def _run(
     try:
         plane = await start_control_plane(server_config)
         gateway: Gateway | None = None
+        metrics: MetricsServer | None = None
         try:
             if gateway_address is not None:
                 gateway = await start_embedded_gateway(plane, server_config, gateway_address)
@@ -192,6 +215,11 @@ async def _run(
                 agent_config, server=loopback_target(plane.address), join_token=plane.join_token
             )
             agent = Agent(config, probe=probe)
+            if metrics_listen is not None:
+                metrics = start_control_plane_metrics(
+                    plane, metrics_listen, gateway=gateway, extra=[AgentMetrics(agent)]
+                )
+                print(f"gpufleet metrics on {metrics.url}", flush=True)
             _announce(plane, gateway, server_config, config, probe)
             agent_stop = asyncio.Event()
             relay = asyncio.create_task(_stop_gateway_first(stop, gateway, agent_stop))
@@ -202,6 +230,8 @@ async def _run(
                 await asyncio.gather(relay, return_exceptions=True)
         finally:
             try:
+                if metrics is not None:
+                    await metrics.stop()
                 if gateway is not None:
                     await gateway.stop()
             finally:

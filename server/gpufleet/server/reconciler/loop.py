@@ -80,7 +80,10 @@ class Reconciler:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        on_pass: Callable[[float, bool], None] | None = None,
     ) -> None:
+        """`on_pass(seconds, failed)` runs after each background pass (the metrics)."""
+        self._on_pass = on_pass
         self._store = store
         self._tracker = tracker
         self._loads = loads
@@ -238,12 +241,17 @@ class Reconciler:
         try:
             while True:
                 self._wake.clear()
+                started = time.perf_counter()
+                failed = False
                 try:
                     await self.reconcile_once()
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # noqa: BLE001 - a pass must never end the loop
+                    failed = True
                     _log.exception("reconcile pass failed; the next pass retries")
+                if self._on_pass is not None:
+                    self._on_pass(time.perf_counter() - started, failed)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._settings.tick)
                 await asyncio.sleep(_COALESCE_S)
