@@ -101,7 +101,7 @@ def test_new_commands_have_help_with_an_example(command: str, capsys: pytest.Cap
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert f"usage: gpufleet {command}" in out
-    assert "example:" in out and f"gpufleet {command}" in out.split("example:")[1]
+    assert "Examples:" in out and f"gpufleet {command}" in out.split("Examples:")[1]
 
 
 @pytest.mark.parametrize("command", ["agent", "up"])

@@ -28,7 +28,7 @@ def test_every_command_has_help_with_an_example(command, capsys) -> None:
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert f"usage: gpufleet {command}" in out
-    assert "example:" in out and f"gpufleet {command}" in out.split("example:")[1]
+    assert "Examples:" in out and f"gpufleet {command}" in out.split("Examples:")[1]
 
 
 def test_top_level_help_lists_every_command(capsys) -> None:

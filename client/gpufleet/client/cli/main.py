@@ -20,7 +20,7 @@ from gpufleet.client.errors import RPCError
 from gpufleet.client.spec_file import SpecFileError
 
 _EXAMPLES = """\
-examples:
+Examples:
   gpufleet server --state-dir ~/.gpufleet          # start a control plane
   gpufleet apply -f echo.yaml                      # create or update deployments
   gpufleet list -o json

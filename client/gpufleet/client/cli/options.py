@@ -6,6 +6,7 @@ import argparse
 import textwrap
 from typing import TYPE_CHECKING, Literal, TypeAlias, cast
 
+from gpufleet.client.cli.errors import CliError
 from gpufleet.client.resolve import DEFAULT_SERVER, SERVER_ENV, STATE_DIR_ENV, TOKEN_ENV
 
 if TYPE_CHECKING:
@@ -86,15 +87,44 @@ def output_format(args: argparse.Namespace) -> OutputFormat:
     return cast(OutputFormat, args.output)
 
 
+EXAMPLES_HEADING = "Examples:"
+"""Heads the examples block that ends every command's --help."""
+
+DEFAULT_WAIT_TIMEOUT_S = 300.0
+
+
 def add_command(
     subparsers: Subparsers, name: str, *, help: str, description: str, example: str
 ) -> argparse.ArgumentParser:
-    """A subcommand parser with the client options and an example in its epilog."""
+    """A subcommand parser with the client options and examples in its epilog."""
     return subparsers.add_parser(
         name,
         help=help,
         description=textwrap.fill(description, width=_HELP_WIDTH),
-        epilog=f"example:\n{example}",
+        epilog=f"{EXAMPLES_HEADING}\n{example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[client_options_parent()],
     )
+
+
+def add_wait_options(parser: argparse.ArgumentParser, until: str) -> None:
+    """--wait and --timeout for a command that changes deployments."""
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help=f"show progress until {until}; exit 1 with the status message if --timeout "
+        "passes first",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_WAIT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"longest wait with --wait (default: {DEFAULT_WAIT_TIMEOUT_S:g})",
+    )
+
+
+def check_wait_options(args: argparse.Namespace) -> None:
+    """CliError for a --timeout that cannot be waited for."""
+    if not 0 < args.timeout < float("inf"):
+        raise CliError(f"--timeout must be a number of seconds above 0, got {args.timeout:g}")

@@ -1,4 +1,5 @@
-"""`gpufleet agent`: run the node agent (needs the `agent` extra on GPU nodes)."""
+"""`gpufleet agent`: run the node agent, or `gpufleet agent install-systemd` to install it as
+a systemd service (both need the `agent` extra on GPU nodes)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "agent",
         add_help=False,
-        help="run the node agent (see `gpufleet agent --help`)",
-        description="Run the node agent.",
+        help="run the node agent, or install it as a systemd service (see `gpufleet agent "
+        "--help` and `gpufleet agent install-systemd --help`)",
+        description="Run the node agent, or install it as a systemd service.",
     )
     parser.set_defaults(forward_unknown_args=True)
     return parser

@@ -63,7 +63,7 @@ _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _HELP_WIDTH = 80
 
 _EXAMPLES = f"""\
-examples:
+Examples:
   # echo model: every INPUT<n> comes back as OUTPUT<n>
   gpufleet invoke echo --input INPUT0='[[1, 2], [3, 4]]' --invoke-token "$TOKEN"
   # tokens model: print the tokens as they are generated

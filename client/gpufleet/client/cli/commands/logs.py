@@ -22,7 +22,7 @@ from gpufleet.client.cli.options import Subparsers
 DEFAULT_TAIL = 100
 
 _EXAMPLE = """\
-example:
+Examples:
   gpufleet logs echo-7f3a9c --tail 50
   gpufleet logs echo-7f3a9c -f --agent-state-dir /var/lib/gpufleet/agent"""
 

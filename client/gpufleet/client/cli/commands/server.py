@@ -16,8 +16,9 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "server",
         add_help=False,
-        help="run the control plane (see `gpufleet server --help`)",
-        description="Run the control plane.",
+        help="run the control plane, or create join tokens for nodes (see `gpufleet server "
+        "--help`)",
+        description="Run the control plane, or manage join tokens.",
     )
     parser.set_defaults(forward_unknown_args=True)
     return parser
