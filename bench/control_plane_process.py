@@ -110,7 +110,10 @@ def serve_in_child(state_dir: str, conn: Connection) -> None:
 async def _serve(state_dir: Path, conn: Connection) -> None:
     # The first start prints the new admin token; it would only clutter the report.
     with contextlib.redirect_stdout(io.StringIO()):
-        plane = await start_control_plane(ServerConfig(state_dir=state_dir, listen="127.0.0.1:0"))
+        # No reconciler: it writes statuses to new deployments, which would make the
+        # benchmark's Update revisions stale; this measures the API's write path alone.
+        config = ServerConfig(state_dir=state_dir, listen="127.0.0.1:0", reconcile=False)
+        plane = await start_control_plane(config)
     profiler = cProfile.Profile()
     done = asyncio.Event()
 

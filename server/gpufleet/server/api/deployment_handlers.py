@@ -39,9 +39,8 @@ async def create_deployment(
     record = await store.create_deployment(
         candidate.name, candidate.labels, with_defaults(candidate.spec), sha256_hex(token)
     )
-    return pb.CreateDeploymentResponse(
-        deployment=await _served(store, record), invoke_token=token
-    )
+    # A deployment created just now has no instance yet: its status needs no store read.
+    return pb.CreateDeploymentResponse(deployment=_with_status(record, []), invoke_token=token)
 
 
 async def get_deployment(
