@@ -34,6 +34,10 @@ pytestmark = pytest.mark.timeout(60)
 
 CANARY_CALLS = 2000
 CANARY_CONCURRENCY = 16
+# The canary has its own invoke token, as every deployment does in real use: a call to the
+# service must work with the token of any of its deployments, whichever the split picks.
+CANARY_TOKEN = "canary-secret"
+CANARY_AUTH = (("authorization", f"Bearer {CANARY_TOKEN}"),)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ async def gateway(model_server: ModelServer) -> AsyncIterator[Gateway]:
         route("svc-stable", [("stable-1", address)], service="svc", weight=90,
               max_request_concurrency=CANARY_CONCURRENCY),
         route("svc-canary", [("canary-1", address)], service="svc", weight=10,
-              max_request_concurrency=CANARY_CONCURRENCY),
+              max_request_concurrency=CANARY_CONCURRENCY, token=CANARY_TOKEN),
     )
     async with control_plane(*routes) as plane:
         async with running_gateway(plane) as running:
@@ -74,8 +78,9 @@ async def _target(
     stub: pb_grpc.GRPCInferenceServiceAsyncStub,
     *metadata: tuple[str, str],
     model: str = "echo",
+    auth: tuple[tuple[str, str], ...] = AUTH,
 ) -> str:
-    call = stub.ModelInfer(_request(model), metadata=(*AUTH, *metadata), timeout=10)
+    call = stub.ModelInfer(_request(model), metadata=(*auth, *metadata), timeout=10)
     await call
     target = metadata_dict(await call.initial_metadata())[ROUTE_TARGET_KEY]
     assert isinstance(target, str)
@@ -154,7 +159,24 @@ async def test_canary_split_90_10_over_2000_calls(
     assert set(counts) == {"stable-1", "canary-1"}
 
 
+async def test_a_service_takes_the_token_of_any_of_its_deployments(
+    stub: pb_grpc.GRPCInferenceServiceAsyncStub,
+) -> None:
+    targets = {await _target(stub, model="svc", auth=CANARY_AUTH) for _ in range(20)}
+    assert targets == {"stable-1", "canary-1"}
+
+
 async def test_a_deployment_of_a_service_is_callable_by_its_own_name(
     stub: pb_grpc.GRPCInferenceServiceAsyncStub,
 ) -> None:
-    assert {await _target(stub, model="svc-canary") for _ in range(3)} == {"canary-1"}
+    assert {await _target(stub, model="svc-canary", auth=CANARY_AUTH) for _ in range(3)} == {
+        "canary-1"
+    }
+
+
+async def test_a_deployment_called_by_name_needs_its_own_token(
+    stub: pb_grpc.GRPCInferenceServiceAsyncStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _target(stub, model="svc-canary", auth=AUTH)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -37,7 +37,7 @@ from gpufleet.gateway.call_observer import (
     call_outcome,
 )
 from gpufleet.gateway.errors import GatewayError, Reason
-from gpufleet.gateway.invoke_auth import check_invoke_token
+from gpufleet.gateway.invoke_auth import check_invoke_token_for
 from gpufleet.gateway.metadata import Metadatum, first_text, first_value
 from gpufleet.gateway.route_rules import (
     ROUTE_RULE_METADATA_KEY,
@@ -155,7 +155,8 @@ class Dispatcher:
             raise
         observer.arrived(state.name, kind)
         try:
-            rule, hash_value = self._route_rule(state, tuple(metadata or ()))
+            accepted = [c.invoke_token_sha256 for c in self._table.candidates(name)]
+            rule, hash_value = self._route_rule(state, name, accepted, tuple(metadata or ()))
             cold = not state.has_ready_endpoint()
             if cold:
                 observer.cold_start(state.name)
@@ -171,10 +172,14 @@ class Dispatcher:
 
     @staticmethod
     def _route_rule(
-        state: DeploymentState, entries: tuple[Metadatum, ...]
+        state: DeploymentState,
+        name: str,
+        accepted_tokens_sha256: Sequence[str],
+        entries: tuple[Metadatum, ...],
     ) -> tuple[RouteRule, str | bytes | None]:
-        """Steps 2 and 3: the invoke token, then the route rule and its hash value."""
-        check_invoke_token(entries, state.name, state.invoke_token_sha256)
+        """Steps 2 and 3: the invoke token (for a service name, that of any of its
+        deployments), then the route rule and its hash value."""
+        check_invoke_token_for(entries, name, accepted_tokens_sha256)
         try:
             rule = parse_route_rule(first_text(entries, ROUTE_RULE_METADATA_KEY))
         except RouteRuleError as err:
