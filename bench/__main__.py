@@ -8,7 +8,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from bench import control_plane_writes, scheduler
+from bench import agents_at_scale, control_plane_writes, gateway_overhead, scheduler
 
 Main = Callable[[Sequence[str] | None], int]
 
@@ -17,6 +17,18 @@ BENCHMARKS: dict[str, tuple[Main, str]] = {
     "control_plane_writes": (
         control_plane_writes.main,
         "issue 5 #4: durable Create/Update over gRPC vs a bare aiosqlite insert loop",
+    ),
+    "gateway_unary": (
+        gateway_overhead.unary_main,
+        "issue 5 #1: ModelInfer through the gateway vs straight to the instance",
+    ),
+    "gateway_stream": (
+        gateway_overhead.stream_main,
+        "issue 5 #2: ModelStreamInfer messages through the gateway vs direct",
+    ),
+    "agents_at_scale": (
+        agents_at_scale.main,
+        "issue 5 #6: N agents heartbeating at 1 Hz vs a bare NodeService",
     ),
 }
 

@@ -24,6 +24,7 @@ from typing import Any, cast
 import grpc
 
 from gpufleet.gateway.metadata import Metadatum, headers_to_return, trailers_to_return
+from gpufleet.gateway.upstreams import StreamMethod, UnaryMethod
 
 _log = logging.getLogger(__name__)
 
@@ -32,19 +33,16 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 
 async def forward_unary(
     context: _Context,
-    channel: grpc.aio.Channel,
-    method: str,
+    instance_method: UnaryMethod,
     request: bytes,
     *,
     metadata: Sequence[Metadatum],
     timeout: float | None,
     route_target: str,
 ) -> bytes:
-    """Forward a unary call; returns the response bytes or ends the call with the
-    instance's status."""
-    call = channel.unary_unary(method, None, None)(
-        request, timeout=timeout, metadata=metadata
-    )
+    """Forward a unary call to `instance_method` (Upstream.unary_unary); returns the
+    response bytes or ends the call with the instance's status."""
+    call = instance_method(request, timeout=timeout, metadata=metadata)
     try:
         response: bytes = await call
     except grpc.aio.AioRpcError as err:
@@ -116,8 +114,7 @@ class StreamWriter:
 
 async def forward_stream(
     context: _Context,
-    channel: grpc.aio.Channel,
-    method: str,
+    instance_method: StreamMethod,
     requests: AsyncIterator[bytes],
     writer: StreamWriter,
     *,
@@ -125,14 +122,13 @@ async def forward_stream(
     timeout: float | None,
     route_target: str,
 ) -> None:
-    """Forward a call of any kind as a stream; ends the call with the instance's status.
+    """Forward a call of any kind as a stream to `instance_method`
+    (Upstream.stream_stream); ends the call with the instance's status.
 
     `requests` is consumed by the instance call as the instance reads; when it ends, the
     instance sees the client's half-close.
     """
-    call = channel.stream_stream(method, None, None)(
-        requests, timeout=timeout, metadata=metadata
-    )
+    call = instance_method(requests, timeout=timeout, metadata=metadata)
     try:
         headers = await call.initial_metadata()
         await writer.send_headers(headers_to_return(headers, route_target))

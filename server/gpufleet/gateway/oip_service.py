@@ -35,6 +35,10 @@ FINAL_RESPONSE_PARAMETER = "triton_final_response"
 
 _MODEL_NAME_FIELD = 1  # ModelInferRequest.model_name, ModelMetadataRequest.name
 _REQUEST_ID_FIELD = 3  # ModelInferRequest.id
+# Full method paths on the instance, built once.
+_MODEL_METADATA_METHOD = f"/{SERVICE_NAME}/ModelMetadata"
+_MODEL_INFER_METHOD = f"/{SERVICE_NAME}/ModelInfer"
+_STREAM_INFER_METHOD = f"/{SERVICE_NAME}/ModelStreamInfer"
 _Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -165,10 +169,10 @@ class InferenceService:
         raise refusals[0]
 
     async def model_metadata(self, request: bytes, context: _Context) -> bytes:
-        return await self._unary(request, context, "/ModelMetadata", "name")
+        return await self._unary(request, context, _MODEL_METADATA_METHOD, "name")
 
     async def model_infer(self, request: bytes, context: _Context) -> bytes:
-        return await self._unary(request, context, "/ModelInfer", "model_name")
+        return await self._unary(request, context, _MODEL_INFER_METHOD, "model_name")
 
     async def _unary(self, request: bytes, context: _Context, method: str, field: str) -> bytes:
         name = model_name_of(request, field)
@@ -176,8 +180,7 @@ class InferenceService:
         with await self._dispatcher.admit(name, context, metadata) as target:
             return await forward_unary(
                 context,
-                target.channel,
-                f"/{SERVICE_NAME}{method}",
+                target.upstream.unary_unary(method),
                 request,
                 metadata=request_metadata_to_forward(metadata),
                 timeout=context.time_remaining(),
@@ -196,8 +199,7 @@ class InferenceService:
             writer = StreamWriter(context)
             await forward_stream(
                 context,
-                target.channel,
-                f"/{SERVICE_NAME}/ModelStreamInfer",
+                target.upstream.stream_stream(_STREAM_INFER_METHOD),
                 _same_model(first, requests, name, writer),
                 writer,
                 metadata=request_metadata_to_forward(metadata),

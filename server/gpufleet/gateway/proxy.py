@@ -85,8 +85,7 @@ class ProxyHandler(_GenericHandler):
             writer = StreamWriter(context)
             await forward_stream(
                 context,
-                target.channel,
-                method,
+                target.upstream.stream_stream(method),
                 requests,
                 writer,
                 metadata=request_metadata_to_forward(metadata),

@@ -4,6 +4,9 @@ Opening a channel (TCP + HTTP/2 handshake) per call would cost more than a small
 call itself, so a channel is opened on first use and kept while its address is in the route
 table. When an address leaves the table its channel is closed as soon as no call uses it:
 calls still running on a removed (e.g. draining) instance are allowed to finish.
+
+The raw-bytes method objects ("multicallables") of a channel are made once per method and
+kept with it: every call of the same method reuses them instead of building a new one.
 """
 
 from __future__ import annotations
@@ -18,14 +21,22 @@ import grpc
 
 _log = logging.getLogger(__name__)
 
+UnaryMethod = grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]
+StreamMethod = grpc.aio.StreamStreamMultiCallable[bytes, bytes]
+
 
 class _Entry:
-    __slots__ = ("address", "channel", "users")
+    __slots__ = ("address", "channel", "users", "unary", "streams")
 
     def __init__(self, address: str, channel: grpc.aio.Channel) -> None:
         self.address = address
         self.channel = channel
         self.users = 0
+        # One per method the gateway has forwarded to this instance; the method set is
+        # small (the inference service's plus the deployment's own), so no bound is needed
+        # beyond the channel's life.
+        self.unary: dict[str, UnaryMethod] = {}
+        self.streams: dict[str, StreamMethod] = {}
 
 
 class Upstream:
@@ -47,6 +58,23 @@ class Upstream:
     def address(self) -> str:
         """The instance's "host:port"."""
         return self._entry.address
+
+    def unary_unary(self, method: str) -> UnaryMethod:
+        """`method` ("/package.Service/Method") as a raw-bytes unary call on the channel."""
+        callable_ = self._entry.unary.get(method)
+        if callable_ is None:
+            # No (de)serializers: bytes pass through unchanged both ways.
+            callable_ = self._entry.channel.unary_unary(method, None, None)
+            self._entry.unary[method] = callable_
+        return callable_
+
+    def stream_stream(self, method: str) -> StreamMethod:
+        """`method` as a raw-bytes bidi-streaming call on the channel."""
+        callable_ = self._entry.streams.get(method)
+        if callable_ is None:
+            callable_ = self._entry.channel.stream_stream(method, None, None)
+            self._entry.streams[method] = callable_
+        return callable_
 
     def release(self) -> None:
         """The call is over; later calls do nothing."""

@@ -45,24 +45,34 @@ def read_bytes_field(data: bytes, field_number: int) -> bytes | None:
     position = 0
     end = len(data)
     while position < end:
-        key, position = _read_varint(data, position)
+        # Keys of fields 1-15 and lengths under 128 are one byte: read those inline, since
+        # this runs for every call the gateway forwards.
+        key = data[position]
+        if key < 0x80:
+            position += 1
+        else:
+            key, position = _read_varint(data, position)
         number = key >> 3
         wire_type = key & 0x7
         if number == 0:
             raise WireFormatError(f"field number 0 at byte {position}")
+        if wire_type == _LENGTH_DELIMITED:
+            if position < end and data[position] < 0x80:
+                length = data[position]
+                position += 1
+            else:
+                length, position = _read_varint(data, position)
+            start = position
+            position = _skip(data, position, length)
+            if number == field_number:
+                found = data[start:position]
+            continue
         if wire_type == _VARINT:
             _, position = _read_varint(data, position)
         elif wire_type == _FIXED64:
             position = _skip(data, position, 8)
         elif wire_type == _FIXED32:
             position = _skip(data, position, 4)
-        elif wire_type == _LENGTH_DELIMITED:
-            length, position = _read_varint(data, position)
-            start = position
-            position = _skip(data, position, length)
-            if number == field_number:
-                found = data[start:position]
-            continue
         else:
             # Groups (types 3 and 4) are proto2-only and absent from these messages.
             raise WireFormatError(f"unsupported wire type {wire_type} at byte {position}")
