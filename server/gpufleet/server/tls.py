@@ -1,4 +1,4 @@
-"""Server TLS credentials from the --tls-cert/--tls-key/--tls-client-ca files."""
+"""TLS credentials from PEM files named on the command line (control plane and gateway)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,29 @@ from gpufleet.server.errors import StartupError
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    """TLS (or mTLS with a client CA) credentials, or None for plaintext.
+    """The control plane's --tls-cert/--tls-key/--tls-client-ca credentials, or None."""
+    return serving_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+
+
+def serving_credentials(
+    tls_cert: Path | None, tls_key: Path | None, tls_client_ca: Path | None
+) -> grpc.ServerCredentials | None:
+    """TLS (or mTLS with a client CA) credentials for a listening port, or None for
+    plaintext.
 
     Raises StartupError for a missing pair member or an unreadable / non-PEM file.
     """
-    if config.tls_cert is None and config.tls_key is None:
-        if config.tls_client_ca is not None:
+    if tls_cert is None and tls_key is None:
+        if tls_client_ca is not None:
             raise StartupError("--tls-client-ca needs --tls-cert and --tls-key as well")
         return None
-    if config.tls_cert is None or config.tls_key is None:
+    if tls_cert is None or tls_key is None:
         raise StartupError("--tls-cert and --tls-key go together; give both or neither")
-    cert = _read_pem(config.tls_cert, "--tls-cert")
-    key = _read_pem(config.tls_key, "--tls-key")
+    cert = read_pem(tls_cert, "--tls-cert")
+    key = read_pem(tls_key, "--tls-key")
     client_ca = None
-    if config.tls_client_ca is not None:
-        client_ca = _read_pem(config.tls_client_ca, "--tls-client-ca")
+    if tls_client_ca is not None:
+        client_ca = read_pem(tls_client_ca, "--tls-client-ca")
     return grpc.ssl_server_credentials(
         [(key, cert)],
         root_certificates=client_ca,
@@ -33,7 +41,8 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def _read_pem(path: Path, flag: str) -> bytes:
+def read_pem(path: Path, flag: str) -> bytes:
+    """The bytes of a PEM file; StartupError naming `flag` if unreadable or not PEM."""
     try:
         data = path.read_bytes()
     except OSError as err:
