@@ -189,17 +189,20 @@ class BearerAuthInterceptor(_InterceptorBase):
 
 
 def _deny(handler: _Handler, err: errors.GpufleetError) -> _Handler:
-    """A handler of the same kind as `handler` that fails every call with `err`."""
+    """A handler of the same kind as `handler` that fails every call with `err`.
+
+    The refused request is not even parsed (no deserializer: it stays bytes), so a caller
+    without credentials learns nothing about its request, only that it is refused.
+    """
 
     async def reject(_request: Any, context: _Context) -> None:
         await abort_with(context, err)
 
-    deserializer = handler.request_deserializer
     serializer = handler.response_serializer
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(reject, deserializer, serializer)
+        return grpc.stream_stream_rpc_method_handler(reject, None, serializer)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(reject, deserializer, serializer)
+        return grpc.stream_unary_rpc_method_handler(reject, None, serializer)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(reject, deserializer, serializer)
-    return grpc.unary_unary_rpc_method_handler(reject, deserializer, serializer)
+        return grpc.unary_stream_rpc_method_handler(reject, None, serializer)
+    return grpc.unary_unary_rpc_method_handler(reject, None, serializer)

@@ -5,6 +5,11 @@ google.rpc.ErrorInfo (reason, domain "gpufleet.dev", metadata) and, for InvalidA
 google.rpc.BadRequest listing every field violation; all of it travels in the
 `grpc-status-details-bin` trailer. Any other exception is logged with its traceback and
 answered INTERNAL with a short message: tracebacks never reach clients.
+
+A request whose bytes do not parse as the method's request type is answered
+INVALID_ARGUMENT: grpc would otherwise answer UNKNOWN from its deserializer before any
+handler runs, so the deserializer here never raises and the handler's wrapper refuses the
+request instead.
 """
 
 from __future__ import annotations
@@ -91,10 +96,62 @@ async def _answer(context: _Context, method: str, exc: Exception) -> NoReturn:
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
 
-def _unary_response(behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+class UndecodableRequest:
+    """Stands in for a request whose bytes are not a message of the method's request type."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def tolerant_deserializer(
+    deserializer: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    """`deserializer`, returning an UndecodableRequest where it would raise."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or whatever a custom one raises
+            return UndecodableRequest(str(exc) or type(exc).__name__)
+
+    return deserialize
+
+
+def _undecodable(method: str, request: UndecodableRequest) -> errors.InvalidArgument:
+    return errors.InvalidArgument(
+        [],
+        message=f"the request to {method} is not a valid protobuf message of the method's "
+        f"request type ({request.problem}); send the request message its .proto declares",
+    )
+
+
+def _decoded(request: Any, method: str, streaming: bool) -> Any:
+    """The request, or for a request stream one that raises InvalidArgument at the first
+    undecodable message; raises InvalidArgument for an undecodable unary request."""
+    if not streaming:
+        if isinstance(request, UndecodableRequest):
+            raise _undecodable(method, request)
+        return request
+
+    async def checked() -> AsyncIterator[Any]:
+        async for item in request:
+            if isinstance(item, UndecodableRequest):
+                raise _undecodable(method, item)
+            yield item
+
+    return checked()
+
+
+def _unary_response(
+    behavior: Callable[..., Any], method: str, streaming: bool
+) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request: Any, context: _Context) -> Any:
         try:
-            result = behavior(request, context)
+            result = behavior(_decoded(request, method, streaming), context)
             return await result if inspect.isawaitable(result) else result
         except grpc.aio.AbortError:
             raise
@@ -104,14 +161,16 @@ def _unary_response(behavior: Callable[..., Any], method: str) -> Callable[..., 
     return wrapped
 
 
-def _stream_response(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _stream_response(
+    behavior: Callable[..., Any], method: str, streaming: bool
+) -> Callable[..., Any]:
     # grpc.aio tells streaming styles apart by the behavior's kind, so the wrapper must be
     # an async generator exactly when the wrapped behavior is one.
     if inspect.isasyncgenfunction(behavior):
 
         async def wrapped_gen(request: Any, context: _Context) -> AsyncIterator[Any]:
             try:
-                async for response in behavior(request, context):
+                async for response in behavior(_decoded(request, method, streaming), context):
                     yield response
             except grpc.aio.AbortError:
                 raise
@@ -119,33 +178,34 @@ def _stream_response(behavior: Callable[..., Any], method: str) -> Callable[...,
                 await _answer(context, method, exc)
 
         return wrapped_gen
-    return _unary_response(behavior, method)
+    return _unary_response(behavior, method, streaming)
 
 
 def wrap_handler(handler: _Handler, method: str) -> _Handler:
-    """Return a handler of the same kind whose behavior maps exceptions to statuses."""
-    deserializer = handler.request_deserializer
+    """Return a handler of the same kind whose behavior maps exceptions to statuses and
+    whose undecodable requests are refused with INVALID_ARGUMENT."""
+    deserializer = tolerant_deserializer(handler.request_deserializer)
     serializer = handler.response_serializer
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(
-            _stream_response(cast(Callable[..., Any], handler.stream_stream), method),
+            _stream_response(cast(Callable[..., Any], handler.stream_stream), method, True),
             deserializer,
             serializer,
         )
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(
-            _unary_response(cast(Callable[..., Any], handler.stream_unary), method),
+            _unary_response(cast(Callable[..., Any], handler.stream_unary), method, True),
             deserializer,
             serializer,
         )
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(
-            _stream_response(cast(Callable[..., Any], handler.unary_stream), method),
+            _stream_response(cast(Callable[..., Any], handler.unary_stream), method, False),
             deserializer,
             serializer,
         )
     return grpc.unary_unary_rpc_method_handler(
-        _unary_response(cast(Callable[..., Any], handler.unary_unary), method),
+        _unary_response(cast(Callable[..., Any], handler.unary_unary), method, False),
         deserializer,
         serializer,
     )

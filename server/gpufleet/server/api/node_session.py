@@ -23,6 +23,10 @@ from gpufleet.v1 import node_pb2, node_service_pb2
 MEMORY_CHANGE_MIB = 64
 MEMORY_CHANGE_SHARE = 0.05
 SM_CHANGE_PERCENT = 10
+# The store keeps readings in SQLite INTEGER columns (signed 64-bit). A uint64 reading above
+# that is no real measurement; it is kept as the largest storable value rather than
+# failing the agent's stream on every heartbeat.
+_LARGEST_STORED = 2**63 - 1
 
 
 def address_of(host: str, port: int) -> str:
@@ -55,7 +59,7 @@ def report_of(status: node_service_pb2.InstanceStatus, host: str) -> InstanceRep
         address=address_of(host, status.port),
         restart_count=status.restart_count,
         crash_loop=status.crash_loop,
-        gpu_memory_used_mib=status.gpu_memory_used_mib,
+        gpu_memory_used_mib=min(status.gpu_memory_used_mib, _LARGEST_STORED),
         sm_utilization_percent=status.sm_utilization_percent,
         gpu_memory_overrun=status.gpu_memory_overrun,
     )
@@ -94,7 +98,7 @@ def static_description(heartbeat: node_service_pb2.Heartbeat, host: str) -> byte
     version and address."""
     node = node_pb2.Node(
         cpu_millis=heartbeat.cpu_millis,
-        memory_mib=heartbeat.memory_mib,
+        memory_mib=min(heartbeat.memory_mib, _LARGEST_STORED),
         agent_version=heartbeat.agent_version,
         advertise_host=host,
     )
