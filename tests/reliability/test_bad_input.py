@@ -16,13 +16,9 @@ gateway passes an instance's own status through unchanged: such answers carry
 `deploy-route-target` and are counted apart), no call may hang, and afterwards the server
 is alive, its health says SERVING, and its log holds no unexpected error.
 
-One known gap is counted apart instead of failing the fuzz test: on the gateway, methods
-registered with a typed deserializer (ServerLive, ServerReady, ServerMetadata, ModelReady,
-and grpc's own health and reflection) answer undecodable bytes with grpc's UNKNOWN
-"Unexpected DecodeError" before any gateway code runs. The control plane answers those
-INVALID_ARGUMENT (api/error_mapping.py); the gateway fix is pending, and
-`test_gateway_refuses_undecodable_requests_with_invalid_argument` (strict xfail) turns red
-once it lands, so that this exception is removed.
+Undecodable bytes sent to a method that deserializes its requests (ServerLive, ModelReady,
+health, reflection, every control-plane method) get INVALID_ARGUMENT from our interceptors
+(api/error_mapping.py), never grpc's own UNKNOWN "Unexpected DecodeError".
 
 The control plane under test has no agent, and every deployment on it selects nodes by a
 label no node has: nothing the fuzzer creates is placed or started. The gateway has its
@@ -281,9 +277,8 @@ class Report:
                 if outcome.code in ERROR_CODES:
                     self.instance_errors[f"{outcome.code.name} {outcome.details[:90]}"] += 1
                 continue
-            known_gap = self.server == "gateway" and outcome.grpc_decode_failure
-            self.codes[f"{outcome.code.name}{' (grpc decode, known gap)' if known_gap else ''}"] += 1
-            if outcome.hung or (outcome.code in ERROR_CODES and not known_gap):
+            self.codes[outcome.code.name] += 1
+            if outcome.hung or outcome.code in ERROR_CODES:
                 self.violations.append(f"{label}: {outcome.code.name} {outcome.details[:200]}")
 
 
@@ -338,11 +333,6 @@ TYPED_GATEWAY_RPCS = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: gateway methods with typed deserializers answer undecodable bytes with "
-    "grpc's UNKNOWN; they need INVALID_ARGUMENT, as on the control plane (server/gpufleet/gateway)",
-)
 async def test_gateway_refuses_undecodable_requests_with_invalid_argument(stacks: Stacks) -> None:
     answers = {}
     for rpc in TYPED_GATEWAY_RPCS:

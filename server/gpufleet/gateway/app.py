@@ -35,6 +35,7 @@ from gpufleet.gateway.route_watch import RouteWatcher
 from gpufleet.gateway.settings import GatewayConfig
 from gpufleet.gateway.tls import control_plane_credentials, data_plane_credentials
 from gpufleet.gateway.upstreams import UpstreamPool
+from gpufleet.server.api.error_mapping import DecodeGuardInterceptor
 from gpufleet.server.errors import StartupError
 from gpufleet.v1 import routing_service_pb2_grpc
 
@@ -149,7 +150,10 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     )
     metrics = GatewayMetrics(table, asyncio.get_running_loop())
     dispatcher = Dispatcher(table, upstreams, metrics)
-    server = grpc.aio.server(options=[*_SERVER_OPTIONS, *message_options])
+    server = grpc.aio.server(
+        options=[*_SERVER_OPTIONS, *message_options],
+        interceptors=[DecodeGuardInterceptor()],
+    )
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -223,3 +223,21 @@ class ErrorMappingInterceptor(_InterceptorBase):
         if handler is None:
             return handler
         return wrap_handler(handler, handler_call_details.method)
+
+
+class DecodeGuardInterceptor(_InterceptorBase):
+    """Applies `wrap_handler` only to methods that deserialize their requests, so that
+    undecodable bytes get INVALID_ARGUMENT instead of grpc's UNKNOWN. For a server whose
+    hot methods take raw bytes (the gateway): those handlers are passed through untouched
+    and cost nothing extra."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        return wrap_handler(handler, handler_call_details.method)
+
