@@ -8,7 +8,13 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from bench import agents_at_scale, control_plane_writes, gateway_overhead, scheduler
+from bench import (
+    agents_at_scale,
+    control_plane_writes,
+    gateway_overhead,
+    scale_from_zero,
+    scheduler,
+)
 
 Main = Callable[[Sequence[str] | None], int]
 
@@ -25,6 +31,10 @@ BENCHMARKS: dict[str, tuple[Main, str]] = {
     "gateway_stream": (
         gateway_overhead.stream_main,
         "issue 5 #2: ModelStreamInfer messages through the gateway vs direct",
+    ),
+    "scale_from_zero": (
+        scale_from_zero.main,
+        "issue 5 #5: cold call through gpufleet up minus the instance's own start, vs a bare start",
     ),
     "agents_at_scale": (
         agents_at_scale.main,
