@@ -512,3 +512,17 @@ async def test_reused_pid_is_not_adopted_and_dead_instances_restart(
     # The process that "reused" the pid is not ours: it was neither adopted nor killed.
     assert not gone(stranger)
     os.kill(stranger, signal.SIGKILL)
+
+
+async def test_readiness_is_seen_long_before_the_period_while_starting(
+    tmp_path: Path, supervisors: Supervisors
+) -> None:
+    # The server listens only after a short load; the readiness period is a minute. Until the
+    # first check passes the agent checks quickly (a call may be waiting on this instance),
+    # so READY comes well within the period instead of a whole period after the spawn.
+    command = f"sleep 0.3; exec {http_server(tmp_path)}"
+    supervisor = supervisors.new()
+    await supervisor.apply(
+        [spec("inst-1", command, readiness=probe(HttpGetAction(path="/"), period=60.0))]
+    )
+    await wait_until(supervisor, state_is("inst-1", READY), timeout=10.0)

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping
 
 import grpc
@@ -57,7 +58,8 @@ from gpufleet.v1 import instance_pb2, node_service_pb2
 
 log = logging.getLogger(__name__)
 
-# Changes that come in a burst (several instances starting) go out in one heartbeat.
+# At most one change-driven heartbeat per this many seconds: a burst of changes (several
+# instances starting) goes out in one heartbeat.
 _CHANGE_COALESCE_S = 0.05
 
 
@@ -377,12 +379,16 @@ class Agent:
                 self.heartbeat_send_failures += 1
                 raise
             self.heartbeats_sent += 1
+            sent_at = time.monotonic()
             try:
                 async with asyncio.timeout(self._heartbeat_interval):
                     await changed.wait()
             except TimeoutError:
                 continue
-            await asyncio.sleep(_CHANGE_COALESCE_S)
+            # The first change after a quiet spell goes out at once (a call may be waiting
+            # for this instance to turn READY); a burst right behind it waits out the rest
+            # of the coalescing window and goes out as one heartbeat.
+            await asyncio.sleep(max(0.0, sent_at + _CHANGE_COALESCE_S - time.monotonic()))
 
     # --- desired instances --------------------------------------------------------------
 

@@ -37,6 +37,10 @@ FAILED = instance_pb2.INSTANCE_STATE_FAILED
 # Extra seconds a probe check may take beyond its own timeout (e.g. killing an exec probe)
 # before it is abandoned as failed.
 _CHECK_SLACK_S = 3.0
+# Readiness checks before the first pass: 20 ms apart, growing by half each time up to the
+# probe's period (see _readiness_loop).
+_FIRST_READY_INTERVAL_S = 0.02
+_FIRST_READY_BACKOFF = 1.5
 
 
 @dataclass(frozen=True)
@@ -449,9 +453,17 @@ class InstanceRunner:
         await self._wait_initial_delay(probe, started)
         tracker = ProbeTracker(probe.success_threshold, probe.failure_threshold)
         previous = Verdict.UNKNOWN
+        # A call may be waiting for this instance (scale from zero), so until a check first
+        # passes the checks come quickly, then slower and slower up to the period: a model
+        # that loads in 150 ms is seen within tens of ms instead of a whole period later,
+        # and one that loads for a minute costs only a few dozen extra checks. After the
+        # first pass the period applies, so success/failure thresholds keep their meaning.
+        interval = min(_FIRST_READY_INTERVAL_S, probe.period)
+        passed_once = False
         while True:
             began = time.monotonic()
             result = await self._check(probe, env)
+            passed_once = passed_once or result.ok
             verdict = tracker.observe(result.ok)
             if verdict != previous:
                 if verdict == Verdict.PASSING:
@@ -461,7 +473,10 @@ class InstanceRunner:
                     self._set(STARTING, f"readiness probe failed: {result.message}")
                     self._persist()
                 previous = verdict
-            await asyncio.sleep(max(0.0, probe.period - (time.monotonic() - began)))
+            if passed_once:
+                interval = probe.period
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - began)))
+            interval = min(interval * _FIRST_READY_BACKOFF, probe.period)
 
     def _mark_ready(self) -> None:
         if self.state == READY:
