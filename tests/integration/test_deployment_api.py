@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from typing import cast
 
 import grpc
 import pytest
@@ -639,3 +640,26 @@ async def test_reflection_lists_services_and_files(control_plane: RunningControl
         )
     )
     assert files.file_descriptor_response.file_descriptor_proto
+
+
+async def test_an_error_about_huge_input_still_arrives_as_that_error(
+    control_plane: RunningControlPlane,
+) -> None:
+    # 64 invalid env keys of 2,000 characters each: echoed whole, the violations would pass
+    # grpc's 8 KiB metadata limit and the client would get RESOURCE_EXHAUSTED instead.
+    spec = make_spec()
+    for index in range(64):
+        spec.env[f"{index}" + "x" * 2000] = "v"
+    deployment = deployment_pb2.Deployment(name="huge", spec=spec, labels={"k": "v" * 5000})
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await control_plane.stub.CreateDeployment(
+            pb.CreateDeploymentRequest(deployment=deployment), metadata=control_plane.metadata
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = rich_status(refused.value)
+    assert details.bad_request is not None
+    violations = details.bad_request.field_violations
+    assert 1 < len(violations) <= 9
+    assert violations[-1].field == "..." and "more violations" in violations[-1].description
+    trailers = cast(Iterable[tuple[str, str | bytes]], refused.value.trailing_metadata() or ())
+    assert sum(len(key) + len(value) for key, value in trailers) < 6 * 1024

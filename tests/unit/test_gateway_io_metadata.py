@@ -136,3 +136,18 @@ def test_bad_field_adds_a_bad_request() -> None:
     assert [(v.field, v.description) for v in bad.field_violations] == [
         ("deploy-route-rule", "bad rule")
     ]
+
+
+def test_call_errors_echoing_huge_input_stay_within_grpc_metadata_limits() -> None:
+    from gpufleet.gateway.rpc_errors import CallError
+
+    err = CallError(
+        grpc.StatusCode.NOT_FOUND,
+        "no deployment named " + "m" * 50_000,
+        reason="ROUTE_TARGET_NOT_FOUND",
+        metadata={"deployment": "m" * 50_000},
+        bad_field="model_name",
+    )
+    size = len(err.message) + sum(len(key) + len(value) for key, value in err.trailing_metadata())
+    assert size < 4 * 1024
+    assert err.message.startswith("no deployment named mmm") and err.message.endswith("\u2026")

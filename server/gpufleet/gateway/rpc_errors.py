@@ -15,6 +15,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from gpufleet.gateway.errors import ERROR_DOMAIN, RETRY_PUSHBACK_METADATA_KEY, GatewayError
+from gpufleet.server.api.error_mapping import MAX_DETAIL_CHARS, MAX_MESSAGE_CHARS, clip_text
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -37,6 +38,9 @@ class CallError(Exception):
         bad_field: str | None = None,
         retry_pushback_ms: int | None = None,
     ) -> None:
+        # Messages and metadata echo client input (a model name, a metadata value): bounded
+        # like the control plane's, so the status always fits grpc's metadata limit.
+        message = clip_text(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.code = code
         """gRPC status code."""
@@ -44,7 +48,10 @@ class CallError(Exception):
         """Status message: what was wrong and how to fix it."""
         self.reason = reason
         """ErrorInfo reason."""
-        self.metadata: dict[str, str] = dict(metadata or {})
+        self.metadata: dict[str, str] = {
+            clip_text(key, MAX_DETAIL_CHARS): clip_text(value, MAX_DETAIL_CHARS)
+            for key, value in (metadata or {}).items()
+        }
         """ErrorInfo metadata."""
         self.bad_field = bad_field
         """Request field or metadata key at fault (sent as a BadRequest field violation)."""

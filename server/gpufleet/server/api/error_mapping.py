@@ -62,23 +62,59 @@ def status_code_of(err: errors.GpufleetError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Errors echo client input (names, field paths, values), and grpc clients start dropping
+# responses whose metadata passes 8 KiB (the message travels twice, and the binary details
+# base64-encoded): the client would then see RESOURCE_EXHAUSTED "Stream removed" instead of
+# the error. These bounds keep a status under about 5 KiB, whatever the request held.
+_MAX_MESSAGE_CHARS = 512
+_MAX_DETAIL_CHARS = 96
+_MAX_VIOLATIONS = 8
+
+
+MAX_MESSAGE_CHARS = _MAX_MESSAGE_CHARS
+"""The longest status message any gpufleet server sends (the gateway uses it too)."""
+MAX_DETAIL_CHARS = _MAX_DETAIL_CHARS
+"""The longest ErrorInfo metadata key or value, or BadRequest field path."""
+
+
+def clip_text(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, marked with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+_clip = clip_text
+
+
 def to_rpc_status(err: errors.GpufleetError) -> grpc.Status:
     """Build the status (code, message, rich details trailer) for a domain error."""
     code = status_code_of(err)
-    status = status_pb2.Status(code=code.value[0], message=err.message)
+    status = status_pb2.Status(code=code.value[0], message=_clip(err.message, _MAX_MESSAGE_CHARS))
     info = error_details_pb2.ErrorInfo(
-        reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata
+        reason=err.reason,
+        domain=ERROR_DOMAIN,
+        metadata={
+            _clip(key, _MAX_DETAIL_CHARS): _clip(value, _MAX_DETAIL_CHARS)
+            for key, value in err.metadata.items()
+        },
     )
     status.details.add().Pack(info)
     if isinstance(err, errors.InvalidArgument):
+        shown = err.violations[:_MAX_VIOLATIONS]
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
+                    field=_clip(v.field, _MAX_DETAIL_CHARS),
+                    description=_clip(v.description, _MAX_DETAIL_CHARS * 2),
                 )
-                for v in err.violations
+                for v in shown
             ]
         )
+        if len(err.violations) > len(shown):
+            bad_request.field_violations.add(
+                field="...",
+                description=f"{len(err.violations) - len(shown)} more violations not listed; "
+                "fix these and send again to see the rest",
+            )
         status.details.add().Pack(bad_request)
     return rpc_status.to_status(status)
 
