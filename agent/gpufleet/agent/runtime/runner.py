@@ -70,7 +70,8 @@ class _ProbeFailed:
 
 @dataclass(frozen=True)
 class _Woken:
-    pass
+    """The watch ended without an exit or a probe verdict: a request (stop, restart, new
+    spec) woke it, or there was no process to watch."""
 
 
 _Outcome = _Exited | _ProbeFailed | _Woken
