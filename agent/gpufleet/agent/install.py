@@ -23,10 +23,10 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import NoReturn
 
 from gpufleet.agent.config import ConfigError, parse_labels, split_host_port
 from gpufleet.agent.gpu.simulated import parse_simulate_gpus
+from gpufleet.agent.cli_parser import OneLineErrorParser
 
 PROG = "gpufleet agent install-systemd"
 UNIT_NAME = "gpufleet-agent.service"
@@ -327,14 +327,9 @@ def setup_notes(settings: UnitSettings, user_exists: bool) -> list[str]:
     return notes
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The flags of `gpufleet agent install-systemd` (agent flags go after `--`)."""
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog=PROG,
         usage=f"{PROG} --server HOST:PORT [--join-token T] [options] [-- AGENT_FLAG ...]",
         description="Write a systemd unit that runs the gpufleet agent on this node, and the "

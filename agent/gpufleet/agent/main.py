@@ -23,7 +23,6 @@ import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NoReturn
 
 from gpufleet.agent import install
 from gpufleet.agent.agent import Agent, AgentStartupError, RegistrationRefusedError
@@ -38,6 +37,7 @@ from gpufleet.agent.config import (
 from gpufleet.agent.gpu.simulated import parse_simulate_gpus
 from gpufleet.agent.host import default_node_name, route_source_address
 from gpufleet.agent.metrics import MetricsServer, parse_metrics_listen, start_agent_metrics
+from gpufleet.agent.cli_parser import OneLineErrorParser
 
 PROG = "gpufleet agent"
 SERVER_ENV = "GPUFLEET_SERVER"
@@ -62,15 +62,9 @@ SIGTERM/SIGINT stop the agent but leave its instances running; the next agent on
 --state-dir adopts them. Use --stop-instances-on-exit to stop them too."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, no usage dump: the message already names the flag.
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     """The flags of `gpufleet agent`."""
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog=PROG,
         description="Run the gpufleet node agent: register with the control plane, report GPUs "
         "and instances, and run the instances assigned to this node.",

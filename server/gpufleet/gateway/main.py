@@ -10,13 +10,13 @@ import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NoReturn
 
 from gpufleet.gateway.app import start_gateway
 from gpufleet.gateway.metrics import start_gateway_metrics
 from gpufleet.gateway.settings import DEFAULT_LISTEN, GatewayConfig, default_gateway_id
 from gpufleet.server.errors import StartupError
 from gpufleet.server.metrics_http import MetricsServer, parse_metrics_listen
+from gpufleet.server.cli_parser import OneLineErrorParser
 
 PROG = "gpufleet gateway"
 LISTENING_LINE = "gpufleet gateway listening on {address}"
@@ -33,15 +33,9 @@ Examples:
   {SERVER_ENV}=10.0.0.5:50051 {TOKEN_ENV}="$TOKEN" gpufleet gateway"""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, no usage dump: the message already names the flag.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The flags of `gpufleet gateway`."""
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog=PROG,
         description="Run a gpufleet gateway: the data plane that serves inference calls "
         "and proxies gRPC calls to deployments.",

@@ -22,13 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
 
 from gpufleet.server.errors import StartupError
 from gpufleet.server.join_tokens import JOIN_TOKEN_FILE, new_join_token
 from gpufleet.server.state_dir import DATABASE_FILE
 from gpufleet.server.store import SqliteStore
 from gpufleet.server.tokens import sha256_hex
+from gpufleet.server.cli_parser import OneLineErrorParser
 
 PROG = "gpufleet server join-token"
 STATE_DIR_ENV = "GPUFLEET_STATE_DIR"
@@ -215,14 +215,9 @@ def tokens_table(tokens: Sequence[JoinTokenInfo], now_us: int) -> str:
     )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """`gpufleet server join-token create|list`."""
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog=PROG,
         description="Create join tokens that expire, and list them. Agents present a join "
         "token once, to register their node.",

@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from gpufleet.gateway.app import Gateway, start_gateway
 from gpufleet.gateway.main import LISTENING_LINE as GATEWAY_LISTENING_LINE
@@ -32,6 +31,7 @@ from gpufleet.server.config import (
 )
 from gpufleet.server import join_token_cli
 from gpufleet.server.errors import StartupError
+from gpufleet.server.cli_parser import OneLineErrorParser
 
 STATE_DIR_ENV = "GPUFLEET_STATE_DIR"
 PROG = "gpufleet server"
@@ -62,15 +62,9 @@ __all__ = [
 ]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, no usage dump: the message already names the flag.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The flags of `gpufleet server`."""
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog=PROG,
         description="Run the gpufleet control plane.",
         epilog=_EPILOG,

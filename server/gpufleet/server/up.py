@@ -24,7 +24,6 @@ import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NoReturn
 
 from gpufleet.agent.agent import Agent, AgentStartupError, RegistrationRefusedError
 from gpufleet.agent.config import AGENT_SUBDIR, AgentConfig, ConfigError, parse_labels
@@ -39,6 +38,7 @@ from gpufleet.server.metrics_http import MetricsServer, parse_metrics_listen
 from gpufleet.server.app import ControlPlane, split_listen, start_control_plane
 from gpufleet.server.config import DEFAULT_LISTEN, ServerConfig
 from gpufleet.server.errors import StartupError
+from gpufleet.server.cli_parser import OneLineErrorParser
 from gpufleet.server.main import (
     GATEWAY_LISTENING_LINE,
     LISTENING_LINE,
@@ -71,14 +71,9 @@ then, in another shell:
   gpufleet apply -f examples/echo.yaml && gpufleet instances && gpufleet nodes"""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The flags of `gpufleet up`."""
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog=PROG,
         description="Run a gpufleet control plane and one local agent in one process.",
         epilog=_EPILOG,
