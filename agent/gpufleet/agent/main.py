@@ -37,7 +37,7 @@ from gpufleet.agent.config import (
 from gpufleet.agent.gpu.simulated import parse_simulate_gpus
 from gpufleet.agent.host import default_node_name, route_source_address
 from gpufleet.agent.metrics import MetricsServer, parse_metrics_listen, start_agent_metrics
-from gpufleet.agent.cli_parser import OneLineErrorParser
+from gpufleet.agent.cli_parser import OneLineErrorParser, configure_logging
 
 PROG = "gpufleet agent"
 SERVER_ENV = "GPUFLEET_SERVER"
@@ -62,7 +62,7 @@ SIGTERM/SIGINT stop the agent but leave its instances running; the next agent on
 --state-dir adopts them. Use --stop-instances-on-exit to stop them too."""
 
 
-def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+def build_parser(env: Mapping[str, str] = os.environ) -> OneLineErrorParser:
     """The flags of `gpufleet agent`."""
     parser = OneLineErrorParser(
         prog=PROG,
@@ -198,10 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     if argv[:1] == [INSTALL_COMMAND]:
         return install.main(argv[1:], build_parser(env={}))
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    args = build_parser().parse_or_exit_code(argv)
+    if isinstance(args, int):
+        return args
     try:
         config = config_from_args(args)
         if args.metrics_listen is not None:
@@ -209,11 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(getattr(logging, args.log_level))
     try:
         asyncio.run(run_until_signal(Agent(config), metrics_listen=args.metrics_listen))
     except AgentStartupError as err:

@@ -16,7 +16,7 @@ from gpufleet.gateway.metrics import start_gateway_metrics
 from gpufleet.gateway.settings import DEFAULT_LISTEN, GatewayConfig, default_gateway_id
 from gpufleet.server.errors import StartupError
 from gpufleet.server.metrics_http import MetricsServer, parse_metrics_listen
-from gpufleet.server.cli_parser import OneLineErrorParser
+from gpufleet.server.cli_parser import OneLineErrorParser, configure_logging
 
 PROG = "gpufleet gateway"
 LISTENING_LINE = "gpufleet gateway listening on {address}"
@@ -33,7 +33,7 @@ Examples:
   {SERVER_ENV}=10.0.0.5:50051 {TOKEN_ENV}="$TOKEN" gpufleet gateway"""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineErrorParser:
     """The flags of `gpufleet gateway`."""
     parser = OneLineErrorParser(
         prog=PROG,
@@ -144,15 +144,10 @@ def config_from_args(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the gateway; 0 after a graceful stop, 2 for bad flags or startup errors."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    args = build_parser().parse_or_exit_code(argv)
+    if isinstance(args, int):
+        return args
+    configure_logging()
     try:
         config = config_from_args(args, os.environ, Path.home())
         if args.metrics_listen is not None:

@@ -215,7 +215,7 @@ def tokens_table(tokens: Sequence[JoinTokenInfo], now_us: int) -> str:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineErrorParser:
     """`gpufleet server join-token create|list`."""
     parser = OneLineErrorParser(
         prog=PROG,
@@ -262,10 +262,9 @@ def resolve_state_dir(flag: Path | None) -> Path:
 
 def main(argv: Sequence[str]) -> int:
     """Run `join-token create|list`: 0 done, 1 the database cannot be used, 2 bad usage."""
-    try:
-        args = build_parser().parse_args(list(argv))
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    args = build_parser().parse_or_exit_code(list(argv))
+    if isinstance(args, int):
+        return args
     state_dir = resolve_state_dir(args.state_dir)
     try:
         if args.action == "create":

@@ -31,7 +31,7 @@ from gpufleet.server.config import (
 )
 from gpufleet.server import join_token_cli
 from gpufleet.server.errors import StartupError
-from gpufleet.server.cli_parser import OneLineErrorParser
+from gpufleet.server.cli_parser import OneLineErrorParser, configure_logging
 
 STATE_DIR_ENV = "GPUFLEET_STATE_DIR"
 PROG = "gpufleet server"
@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineErrorParser:
     """The flags of `gpufleet server`."""
     parser = OneLineErrorParser(
         prog=PROG,
@@ -247,15 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     if argv[:1] == [JOIN_TOKEN_COMMAND]:
         return join_token_cli.main(argv[1:])
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    args = build_parser().parse_or_exit_code(argv)
+    if isinstance(args, int):
+        return args
+    configure_logging()
     try:
         config = config_from_args(args)
         gateway = gateway_listen(args.gateway_listen, args.no_gateway, config.listen)

@@ -38,7 +38,7 @@ from gpufleet.server.metrics_http import MetricsServer, parse_metrics_listen
 from gpufleet.server.app import ControlPlane, split_listen, start_control_plane
 from gpufleet.server.config import DEFAULT_LISTEN, ServerConfig
 from gpufleet.server.errors import StartupError
-from gpufleet.server.cli_parser import OneLineErrorParser
+from gpufleet.server.cli_parser import OneLineErrorParser, configure_logging
 from gpufleet.server.main import (
     GATEWAY_LISTENING_LINE,
     LISTENING_LINE,
@@ -71,7 +71,7 @@ then, in another shell:
   gpufleet apply -f examples/echo.yaml && gpufleet instances && gpufleet nodes"""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineErrorParser:
     """The flags of `gpufleet up`."""
     parser = OneLineErrorParser(
         prog=PROG,
@@ -129,10 +129,9 @@ def _state_dir(flag: Path | None, env: Mapping[str, str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Run until SIGTERM/SIGINT: 0 after a clean stop, 2 for bad flags or startup errors."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    args = build_parser().parse_or_exit_code(argv)
+    if isinstance(args, int):
+        return args
     try:
         labels = parse_labels(args.labels)
         if args.simulate_gpus is not None:
@@ -148,11 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if not workdir.is_dir():
         print(f"{PROG}: error: --workdir {workdir} is not a directory", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging()
     state_dir = _state_dir(args.state_dir, os.environ)
     node_name: str = args.name or default_node_name()
     try:
