@@ -28,6 +28,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.process_output import read_stdout_line
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 20.0
 CALL_TIMEOUT_S = 30.0
@@ -86,24 +88,6 @@ def _read_until_eof(process: subprocess.Popen[bytes], timeout: float) -> None:
                 return
 
 
-def _read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
-    """The first stdout line of `process`, waiting at most `timeout` seconds for it."""
-    if process.stdout is None:
-        raise ValueError("the process was started without stdout=PIPE")
-    deadline = time.monotonic() + timeout
-    received = b""
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        while b"\n" not in received:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not selector.select(remaining):
-                raise TimeoutError(f"no stdout line within {timeout} s (got {received!r})")
-            chunk = os.read(process.stdout.fileno(), 4096)
-            if not chunk:
-                raise EOFError(f"stdout closed before a full line (got {received!r})")
-            received += chunk
-    return received.split(b"\n", 1)[0].decode()
-
 
 def launch(
     tmp_path: Path,
@@ -127,7 +111,7 @@ def launch(
             start_new_session=True,
         )
     try:
-        line = _read_line(process, START_TIMEOUT_S)
+        line = read_stdout_line(process, START_TIMEOUT_S)
     except (TimeoutError, EOFError) as error:
         process.kill()
         process.wait(timeout=STOP_TIMEOUT_S)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from gpufleet.gateway.app import Gateway, start_gateway
 from gpufleet.gateway.invoke_auth import token_sha256
 from gpufleet.gateway.settings import GatewayConfig
 from gpufleet.v1 import deployment_pb2, routing_service_pb2, routing_service_pb2_grpc
+
+from tests.process_output import read_stdout_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "admin-secret"
@@ -289,23 +290,6 @@ class ModelServer:
             self.process.stdout.close()
 
 
-def _read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
-    if process.stdout is None:
-        raise ValueError("the process was started without stdout=PIPE")
-    deadline = time.monotonic() + timeout
-    received = b""
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        while b"\n" not in received:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not selector.select(remaining):
-                raise TimeoutError(f"no stdout line within {timeout} s (got {received!r})")
-            chunk = os.read(process.stdout.fileno(), 4096)
-            if not chunk:
-                raise EOFError(f"stdout closed before a full line (got {received!r})")
-            received += chunk
-    return received.split(b"\n", 1)[0].decode()
-
 
 def start_model_server(tmp_path: Path, *flags: str) -> ModelServer:
     """`python -m examples.model_server --port 0 FLAGS...`, listening and SERVING."""
@@ -319,7 +303,7 @@ def start_model_server(tmp_path: Path, *flags: str) -> ModelServer:
             start_new_session=True,
         )
     try:
-        line = _read_line(process, START_TIMEOUT_S)
+        line = read_stdout_line(process, START_TIMEOUT_S)
     except (TimeoutError, EOFError) as error:
         process.kill()
         process.wait(timeout=STOP_TIMEOUT_S)
