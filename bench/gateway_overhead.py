@@ -11,12 +11,16 @@ two servers used per call is printed with the rates.
 With --floor a third side, "bare-proxy" (bench/bare_proxy.py), forwards the same calls
 through a grpc.aio proxy that does nothing but forward raw bytes: what any Python gRPC hop
 costs. The gateway's CPU per call beyond it is what gpufleet's own data-plane code costs.
+With --wire-floors two more sides measure proxies that use no gRPC library:
+"h2-proxy" (bench/h2_proxy.py) forwards HTTP/2 frames with hyper-h2, and "tcp-splice"
+(bench/tcp_splice.py) copies TCP bytes without parsing them.
 With --reference DIR one more side, "gateway-ref", is a second gateway running the code
 of the source tree DIR (e.g. `git archive HEAD server protos | tar -x -C DIR`): a before
 and after of a gateway change, measured in the same alternating rounds.
 
     python -m bench gateway_unary  [--in-flight 1 32] [--rounds 3] [--seconds 2]
-        [--payload-bytes 1024] [--floor] [--reference DIR] [--profile FILE.pstats]
+        [--payload-bytes 1024] [--floor] [--wire-floors] [--reference DIR]
+        [--profile FILE.pstats]
     python -m bench gateway_stream [same flags]
 
 Unary: `in_flight` workers call ModelInfer back to back. Streaming: one ModelStreamInfer
@@ -42,8 +46,10 @@ import grpc
 from gpufleet.inference import grpc_service_pb2 as pb, grpc_service_pb2_grpc
 
 from bench.gateway_targets import (
+    H2_PROXY,
     INVOKE_TOKEN,
     MODEL,
+    TCP_SPLICE,
     Targets,
     running_targets,
     start_gateway,
@@ -103,6 +109,8 @@ class Options:
     """Also measure bench.bare_proxy, the floor of a Python gRPC hop."""
     reference: Path | None = None
     """Also measure a gateway running the code of this source tree."""
+    wire_floors: bool = False
+    """Also measure bench.h2_proxy and bench.tcp_splice (no gRPC library)."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,7 @@ class Sides:
             self.hops[REFERENCE] = targets.reference
         if targets.floor is not None:
             self.hops[FLOOR] = targets.floor
+        self.hops.update(targets.wire_floors)
         self._channels = {
             side: grpc.aio.insecure_channel(
                 targets.instance.address if hop is None else hop.address
@@ -190,7 +199,11 @@ async def run(options: Options) -> tuple[list[Round], Path | None]:
     with tempfile.TemporaryDirectory(prefix="gpufleet-bench-gw-", dir=options.directory) as tmp:
         log_dir = Path(tmp)
         async with running_targets(
-            log_dir, max(options.in_flight), floor=options.floor, reference=options.reference
+            log_dir,
+            max(options.in_flight),
+            floor=options.floor,
+            reference=options.reference,
+            wire_floors=options.wire_floors,
         ) as targets:
             sides = Sides(targets)
             try:
@@ -278,6 +291,8 @@ def print_report(rounds: Sequence[Round], options: Options) -> None:
         sides.append(REFERENCE)
     if options.floor:
         sides.append(FLOOR)
+    if options.wire_floors:
+        sides.extend((H2_PROXY, TCP_SPLICE))
     summary: list[list[str]] = []
     for in_flight in options.in_flight:
         for side in sides:
@@ -295,7 +310,7 @@ def print_report(rounds: Sequence[Round], options: Options) -> None:
         ],
         summary,
     )
-    print("(hop CPU: the gateway's or the bare proxy's process, per " + one + ")")
+    print("(hop CPU: the process between client and instance, per " + one + ")")
     if options.reference is not None:
         print(f"({REFERENCE}: the gateway code of {options.reference})")
     for in_flight in options.in_flight:
@@ -328,6 +343,28 @@ def _print_ratios(rounds: Sequence[Round], options: Options, in_flight: int, uni
                         for g, o in other_pairs
                     ]
                 ),
+            )
+        )
+    floors = [FLOOR] if options.floor else []
+    floors += [H2_PROXY, TCP_SPLICE] if options.wire_floors else []
+    for floor in floors:
+        floor_pairs = [
+            (f, d)
+            for f in rounds
+            for d in rounds
+            if f.side == floor and d.side == DIRECT and f.in_flight == d.in_flight == in_flight
+            and f.index == d.index
+        ]
+        print(
+            ratio_line(
+                f"{floor}/direct {unit}/s {at}",
+                median([ratio(f.result.per_second, d.result.per_second) for f, d in floor_pairs]),
+            )
+        )
+        print(
+            ratio_line(
+                f"{floor}/direct p50 latency {at}",
+                median([ratio(_p50(f), _p50(d)) for f, d in floor_pairs]),
             )
         )
     print(
@@ -423,6 +460,12 @@ def parse_args(argv: Sequence[str] | None, kind: str) -> Options:
         "any Python gRPC hop",
     )
     parser.add_argument(
+        "--wire-floors",
+        action="store_true",
+        help="also measure proxies without a gRPC library: HTTP/2 frames with hyper-h2 "
+        "(bench.h2_proxy) and a plain TCP splice (bench.tcp_splice)",
+    )
+    parser.add_argument(
         "--reference",
         type=Path,
         default=None,
@@ -453,6 +496,7 @@ def parse_args(argv: Sequence[str] | None, kind: str) -> Options:
         profile=args.profile,
         floor=args.floor,
         reference=args.reference,
+        wire_floors=args.wire_floors,
     )
 
 

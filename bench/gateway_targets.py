@@ -20,8 +20,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.bare_proxy import LISTENING as BARE_PROXY_LISTENING
+from bench.h2_proxy import LISTENING as H2_PROXY_LISTENING
 from bench.processes import ServerProcess
 from bench.static_routes import serve_static_routes, single_instance_route
+from bench.tcp_splice import LISTENING as TCP_SPLICE_LISTENING
 
 MODEL = "echo"
 """Deployment name, and the model name the example server answers as echo."""
@@ -31,6 +33,12 @@ INSTANCE_ID = "bench-instance-0"
 SERVING_TIMEOUT_SECONDS = 30.0
 GATEWAY_LISTENING = "gpufleet gateway listening on "
 MODEL_SERVER_LISTENING = "model server listening on "
+H2_PROXY = "h2-proxy"
+TCP_SPLICE = "tcp-splice"
+_WIRE_FLOORS = {
+    H2_PROXY: ("bench.h2_proxy", H2_PROXY_LISTENING),
+    TCP_SPLICE: ("bench.tcp_splice", TCP_SPLICE_LISTENING),
+}
 
 
 @dataclass
@@ -45,6 +53,8 @@ class Targets:
     """A second gateway running another version of the code, when asked for."""
     routes_address: str
     log_dir: Path
+    wire_floors: dict[str, ServerProcess]
+    """bench.h2_proxy and bench.tcp_splice in front of the same instance, when asked for."""
 
 
 async def wait_serving(address: str, timeout: float = SERVING_TIMEOUT_SECONDS) -> None:
@@ -118,11 +128,15 @@ async def start_gateway(
 
 @contextlib.asynccontextmanager
 async def running_targets(
-    log_dir: Path, concurrency: int, floor: bool = False, reference: Path | None = None
+    log_dir: Path,
+    concurrency: int,
+    floor: bool = False,
+    reference: Path | None = None,
+    wire_floors: bool = False,
 ) -> AsyncIterator[Targets]:
     """An example model server, a gateway routing deployment MODEL to it and, with
     `floor`, a bare proxy to it; with `reference`, a second gateway running the code of
-    that source tree."""
+    that source tree; with `wire_floors`, the HTTP/2 frame proxy and the TCP splice."""
     instance = ServerProcess(
         "model-server", ["examples.model_server", "--port", "0"], MODEL_SERVER_LISTENING, log_dir
     )
@@ -137,6 +151,7 @@ async def running_targets(
             gateway = await start_gateway(routes_address, log_dir)
             bare: ServerProcess | None = None
             other: ServerProcess | None = None
+            wires: dict[str, ServerProcess] = {}
             try:
                 if reference is not None:
                     other = await start_gateway(
@@ -150,9 +165,15 @@ async def running_targets(
                         log_dir,
                     )
                     await asyncio.to_thread(bare.start)
-                yield Targets(instance, gateway, bare, other, routes_address, log_dir)
+                if wire_floors:
+                    for name, (module, listening) in _WIRE_FLOORS.items():
+                        wires[name] = ServerProcess(
+                            name, [module, "--upstream", instance.address], listening, log_dir
+                        )
+                        await asyncio.to_thread(wires[name].start)
+                yield Targets(instance, gateway, bare, other, routes_address, log_dir, wires)
             finally:
-                for extra in (bare, other):
+                for extra in (bare, other, *wires.values()):
                     if extra is not None:
                         await asyncio.to_thread(extra.stop)
                 await asyncio.to_thread(gateway.stop)
