@@ -9,13 +9,12 @@ Python gRPC hop. Prints "bare proxy listening on HOST:PORT" once it serves.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import signal
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
+
+from bench.proxy_cli import run_proxy, wait_for_stop_signal
 
 SERVICE = "inference.GRPCInferenceService"
 LISTENING = "bare proxy listening on "
@@ -54,25 +53,18 @@ async def serve(upstream: str, listen: str) -> None:
     await server.start()
     host = listen.rpartition(":")[0]
     print(f"{LISTENING}{host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     await server.stop(1.0)
     await channel.close(None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.bare_proxy",
-        description="Raw-bytes grpc.aio proxy of ModelInfer/ModelStreamInfer to one instance.",
+    return run_proxy(
+        argv,
+        "python -m bench.bare_proxy",
+        "Raw-bytes grpc.aio proxy of ModelInfer/ModelStreamInfer to one instance.",
+        serve,
     )
-    parser.add_argument("--upstream", required=True, metavar="HOST:PORT")
-    parser.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
-    args = parser.parse_args(argv)
-    asyncio.run(serve(args.upstream, args.listen))
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ Prints "h2 proxy listening on HOST:PORT" once it serves.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import signal
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +23,8 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+
+from bench.proxy_cli import run_proxy, wait_for_stop_signal
 
 LISTENING = "h2 proxy listening on "
 # grpc's own defaults are far above HTTP/2's 64 KiB; small windows would measure
@@ -113,6 +113,20 @@ class _Side(asyncio.Protocol):
     def forget(self, stream_id: int) -> None:
         self._waiting.pop(stream_id, None)
 
+    def acknowledger(self, event: h2.events.DataReceived) -> Callable[[], None]:
+        """What gives `event`'s bytes back to the sender's window once they are passed on:
+        the window opens only as fast as the other side takes the data."""
+        stream_id, length = event.stream_id, event.flow_controlled_length or 0
+
+        def acknowledge() -> None:
+            try:
+                self.conn.acknowledge_received_data(length, stream_id)
+            except h2.exceptions.StreamClosedError:
+                self.conn.increment_flow_control_window(length)
+            self.flush()
+
+        return acknowledge
+
 
 class _Instance(_Side):
     """The one connection to the instance; its streams answer client streams."""
@@ -137,7 +151,7 @@ class _Instance(_Side):
             elif isinstance(event, h2.events.DataReceived):
                 client.send_data(
                     client_stream,
-                    _Chunk(event.data, False, self._acknowledger(event)),
+                    _Chunk(event.data, False, self.acknowledger(event)),
                 )
             elif isinstance(event, h2.events.TrailersReceived):
                 del self.routes[event.stream_id]
@@ -150,18 +164,6 @@ class _Instance(_Side):
                 client.conn.reset_stream(client_stream, event.error_code or 0)
         for side in touched:
             side.flush()
-
-    def _acknowledger(self, event: h2.events.DataReceived) -> Callable[[], None]:
-        stream_id, length = event.stream_id, event.flow_controlled_length or 0
-
-        def acknowledge() -> None:
-            try:
-                self.conn.acknowledge_received_data(length, stream_id)
-            except h2.exceptions.StreamClosedError:
-                self.conn.increment_flow_control_window(length)
-            self.flush()
-
-        return acknowledge
 
     def connection_lost(self, exc: Exception | None) -> None:
         for client, client_stream in self.routes.values():
@@ -195,7 +197,7 @@ class _Client(_Side):
                 ended = event.stream_ended is not None
                 if ended:
                     self.streams.pop(event.stream_id, None)
-                acknowledge = self._acknowledger(event)
+                acknowledge = self.acknowledger(event)
                 if upstream:
                     instance.send_data(upstream, _Chunk(event.data, ended, acknowledge))
                 else:
@@ -212,18 +214,6 @@ class _Client(_Side):
                     instance.conn.reset_stream(upstream, event.error_code or 0)
         instance.flush()
         self.flush()
-
-    def _acknowledger(self, event: h2.events.DataReceived) -> Callable[[], None]:
-        stream_id, length = event.stream_id, event.flow_controlled_length or 0
-
-        def acknowledge() -> None:
-            try:
-                self.conn.acknowledge_received_data(length, stream_id)
-            except h2.exceptions.StreamClosedError:
-                self.conn.increment_flow_control_window(length)
-            self.flush()
-
-        return acknowledge
 
     def connection_lost(self, exc: Exception | None) -> None:
         for upstream in self.streams.values():
@@ -242,24 +232,12 @@ async def serve(upstream: str, listen: str) -> None:
     server = await loop.create_server(lambda: _Client(instance), host, int(port))
     bound = server.sockets[0].getsockname()[1]
     print(f"{LISTENING}{host}:{bound}", flush=True)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     server.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.h2_proxy",
-        description="HTTP/2 frame-level proxy (hyper-h2) of every stream to one instance.",
-    )
-    parser.add_argument("--upstream", required=True, metavar="HOST:PORT")
-    parser.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
-    args = parser.parse_args(argv)
-    asyncio.run(serve(args.upstream, args.listen))
-    return 0
-
+    return run_proxy(argv, "python -m bench.h2_proxy", "HTTP/2 frame-level proxy (hyper-h2) of every stream to one instance.", serve)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -10,10 +10,10 @@ Prints "tcp splice listening on HOST:PORT" once it serves.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import signal
 from collections.abc import Sequence
+
+from bench.proxy_cli import run_proxy, wait_for_stop_signal
 
 LISTENING = "tcp splice listening on "
 
@@ -76,24 +76,12 @@ async def serve(upstream: str, listen: str) -> None:
     server = await loop.create_server(accepted, host, int(port))
     bound = server.sockets[0].getsockname()[1]
     print(f"{LISTENING}{host}:{bound}", flush=True)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     server.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.tcp_splice",
-        description="Copy TCP bytes both ways between each client and the instance.",
-    )
-    parser.add_argument("--upstream", required=True, metavar="HOST:PORT")
-    parser.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
-    args = parser.parse_args(argv)
-    asyncio.run(serve(args.upstream, args.listen))
-    return 0
-
+    return run_proxy(argv, "python -m bench.tcp_splice", "Copy TCP bytes both ways between each client and the instance.", serve)
 
 if __name__ == "__main__":
     raise SystemExit(main())
