@@ -348,13 +348,7 @@ def _print_ratios(rounds: Sequence[Round], options: Options, in_flight: int, uni
     floors = [FLOOR] if options.floor else []
     floors += [H2_PROXY, TCP_SPLICE] if options.wire_floors else []
     for floor in floors:
-        floor_pairs = [
-            (f, d)
-            for f in rounds
-            for d in rounds
-            if f.side == floor and d.side == DIRECT and f.in_flight == d.in_flight == in_flight
-            and f.index == d.index
-        ]
+        floor_pairs = _pairs(rounds, in_flight, DIRECT, ours=floor)
         print(
             ratio_line(
                 f"{floor}/direct {unit}/s {at}",
@@ -388,11 +382,13 @@ def _p50(r: Round) -> float:
     return percentile(r.result.latencies, 0.5)
 
 
-def _pairs(rounds: Sequence[Round], in_flight: int, other: str) -> list[tuple[Round, Round]]:
-    """(gateway, other side) rounds that ran back to back."""
-    ours = [r for r in rounds if r.in_flight == in_flight and r.side == GATEWAY]
+def _pairs(
+    rounds: Sequence[Round], in_flight: int, other: str, ours: str = GATEWAY
+) -> list[tuple[Round, Round]]:
+    """(`ours`, `other`) rounds that ran back to back."""
+    mine = [r for r in rounds if r.in_flight == in_flight and r.side == ours]
     theirs = [r for r in rounds if r.in_flight == in_flight and r.side == other]
-    return [(g, d) for g in ours for d in theirs if g.index == d.index]
+    return [(g, d) for g in mine for d in theirs if g.index == d.index]
 
 
 def _row(r: Round) -> list[str]:
