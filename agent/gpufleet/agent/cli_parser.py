@@ -1,5 +1,8 @@
-"""The argument parser of the agent's commands. The agent ships without the server code, so
-it keeps its own copy of the server side's one-line-error parser."""
+"""The argument parser of the agent's commands.
+
+A near-copy of gpufleet.server.cli_parser, kept on purpose: the server side imports the
+agent (`gpufleet up` embeds one), never the reverse, and the fixed top-level layout has no
+shared source root that both could import instead."""
 
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ counters. Nothing is measured for a scrape: the numbers are those the control pl
     ...
     await metrics.stop()
 
-Self-contained on purpose: the agent ships as its own light distribution and must not
-import server code, so the small HTTP part is a copy of gpufleet.server.metrics_http's.
+Self-contained on purpose: the server side imports the agent (`gpufleet up` embeds one),
+never the reverse, so the small HTTP part is a copy of gpufleet.server.metrics_http's (with
+the agent's ConfigError and default port 9402 in its messages).
 Every name, type, label and unit is listed in docs/metrics.md.
 
 The label for an instance is `instance_id`, not `instance`: Prometheus sets `instance` on

@@ -6,8 +6,9 @@ the event loop, so a slow scrape cannot delay a call. Collectors that read loop-
 (the route table, the store) hop onto the loop with `read_on_loop` for the few microseconds
 the read takes; counters and histograms updated on the call path are thread-safe already.
 
-The agent has its own copy of the server part (gpufleet.agent.metrics): it must not import
-server code.
+The agent has its own copy of the server part (gpufleet.agent.metrics), because the agent
+never imports server code (the dependency runs the other way: `gpufleet up` embeds an
+agent).
 """
 
 from __future__ import annotations
