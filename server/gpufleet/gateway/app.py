@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from gpufleet.gateway.admission import DeploymentAdmission
 from gpufleet.gateway.config import AdmissionConfig
 from gpufleet.gateway.dispatch import Dispatcher
+from gpufleet.gateway.h2.front import Front
 from gpufleet.gateway.load_reporter import LoadReporter
 from gpufleet.gateway.metrics import GatewayMetrics
 from gpufleet.gateway.oip_service import SERVICE_NAME as INFERENCE_SERVICE
@@ -33,7 +34,11 @@ from gpufleet.gateway.proxy import ProxyHandler
 from gpufleet.gateway.route_table import RouteTable
 from gpufleet.gateway.route_watch import RouteWatcher
 from gpufleet.gateway.settings import GatewayConfig
-from gpufleet.gateway.tls import control_plane_credentials, data_plane_credentials
+from gpufleet.gateway.tls import (
+    control_plane_credentials,
+    data_plane_credentials,
+    data_plane_ssl_context,
+)
 from gpufleet.gateway.upstreams import UpstreamPool
 from gpufleet.server.api.error_mapping import DecodeGuardInterceptor
 from gpufleet.server.errors import StartupError
@@ -66,7 +71,7 @@ class Gateway:
     gateway_id: str
     """This gateway's id in load reports."""
     server: grpc.aio.Server
-    """The data plane gRPC server."""
+    """The gRPC server behind the data plane port (the port itself with `front` None)."""
     table: RouteTable
     """The routing table copy."""
     watcher: RouteWatcher
@@ -77,6 +82,8 @@ class Gateway:
     """The channels to instances."""
     metrics: GatewayMetrics
     """Per-deployment call metrics; serve them with gateway.metrics.start_gateway_metrics."""
+    front: Front | None
+    """The HTTP/2 server on the data plane port (gateway/h2/front.py), unless disabled."""
     _control_channel: grpc.aio.Channel
     _health: AsyncHealthServicer
     _tasks: list[asyncio.Task[None]]
@@ -95,7 +102,10 @@ class Gateway:
         try:
             await self._health.enter_graceful_shutdown()
             self.table.close()
-            await self.server.stop(grace)
+            if self.front is None:
+                await self.server.stop(grace)
+            else:
+                await asyncio.gather(self.front.stop(grace), self.server.stop(grace))
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -161,11 +171,26 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     )
     server.add_generic_rpc_handlers((InferenceService(table, dispatcher).generic_handler(),))
     server.add_generic_rpc_handlers((ProxyHandler(dispatcher),))
+    front: Front | None = None
     try:
-        port = _bind(server, config.listen, server_credentials)
-        await server.start()
+        if config.http2_front:
+            # The grpc.aio server listens on loopback only; the front relays to it.
+            internal_port = _bind(server, "127.0.0.1:0", None)
+            await server.start()
+            front = Front(
+                dispatcher,
+                f"127.0.0.1:{internal_port}",
+                config.max_message_bytes,
+                data_plane_ssl_context(config),
+            )
+            upstreams.on_retain = front.retain
+            port = await _start_front(front, config.listen)
+        else:
+            port = _bind(server, config.listen, server_credentials)
+            await server.start()
     except BaseException:
         await control_channel.close(None)
+        await server.stop(None)
         raise
     for service in ("", INFERENCE_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -189,6 +214,7 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
         address=address,
         gateway_id=config.gateway_id,
         server=server,
+        front=front,
         table=table,
         watcher=watcher,
         reporter=reporter,
@@ -209,6 +235,17 @@ def split_listen(listen: str) -> tuple[str, int]:
             "or [::1]:0"
         )
     return host, int(port_text)
+
+
+async def _start_front(front: Front, listen: str) -> int:
+    host, port = split_listen(listen)
+    try:
+        return await front.start(host, port)
+    except OSError as err:
+        raise StartupError(
+            f"cannot listen on {listen}: {err.strerror or err}; is the port in use? pick "
+            "another --listen (port 0 picks a free one)"
+        ) from err
 
 
 def _bind(

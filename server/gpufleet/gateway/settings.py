@@ -63,6 +63,10 @@ class GatewayConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest message accepted from a client or an instance (inference tensors are big)."""
 
+    http2_front: bool = True
+    """Serve the data plane port with the gateway's own HTTP/2 layer (gateway/h2/), which
+    forwards inference calls' frames itself; False: the grpc.aio server listens there."""
+
     def __post_init__(self) -> None:
         if not self.server_address.strip():
             raise ValueError("server_address is empty; give the control plane as HOST:PORT")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 import grpc
 
 from gpufleet.gateway.settings import GatewayConfig
@@ -38,3 +40,24 @@ def control_plane_credentials(config: GatewayConfig) -> grpc.ChannelCredentials 
     return grpc.ssl_channel_credentials(
         root_certificates=root, private_key=key, certificate_chain=cert
     )
+
+
+def data_plane_ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
+    """The same TLS as data_plane_credentials, for the HTTP/2 front (ALPN h2)."""
+    if data_plane_credentials(config) is None:  # validates the files and their pairing
+        return None
+    assert config.tls_cert is not None and config.tls_key is not None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+        if config.tls_client_ca is not None:
+            context.load_verify_locations(cafile=str(config.tls_client_ca))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as err:
+        raise StartupError(
+            f"cannot use --tls-cert {config.tls_cert} with --tls-key {config.tls_key}: {err}; "
+            "give a PEM certificate chain and its private key"
+        ) from err
+    context.set_alpn_protocols(["h2"])
+    return context

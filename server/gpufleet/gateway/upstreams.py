@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -104,6 +104,8 @@ class UpstreamPool:
         self._wanted: frozenset[str] = frozenset()
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.on_retain: Callable[[frozenset[str]], None] | None = None
+        """Told the table's addresses on every retain (the HTTP/2 front's own pool)."""
 
     @property
     def addresses(self) -> frozenset[str]:
@@ -126,6 +128,8 @@ class UpstreamPool:
     def retain(self, addresses: Collection[str]) -> None:
         """The route table's addresses now: others close once their calls have ended."""
         self._wanted = frozenset(addresses)
+        if self.on_retain is not None:
+            self.on_retain(self._wanted)
         for address, entry in list(self._entries.items()):
             if address not in self._wanted and entry.users == 0:
                 self._close_entry(entry)

@@ -1,0 +1,686 @@
+"""The gateway's data plane port: its own HTTP/2 server in front of the grpc.aio one.
+
+Calls of the inference methods that go to instances (ModelInfer, ModelMetadata,
+ModelStreamInfer) are served here: the request's first message gives the model name, the
+Dispatcher admits the call exactly as for the grpc.aio handlers, and the call's frames
+are then forwarded on one shared HTTP/2 connection per instance, bytes unchanged. Every
+other stream (health, reflection, the gateway's own OIP answers, the transparent proxy,
+compressed calls) is relayed unchanged to the grpc.aio server on an internal loopback
+port, over one internal connection per client connection so that per-connection limits
+still see each client connection as one.
+
+Why: one grpc.aio hop costs as much CPU and latency as the instance's own gRPC server, so
+a grpc.aio gateway cannot stay within 2 x the latency of a direct call (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import Any
+
+import grpc
+
+from gpufleet.gateway.call_observer import (
+    CALL_KIND,
+    CLIENT_CANCELLED,
+    DEADLINE_PASSED,
+    GATEWAY_INTERNAL,
+    INSTANCE_STATUS,
+)
+from gpufleet.gateway.dispatch import CallTarget, Dispatcher
+from gpufleet.gateway.h2 import frames as f
+from gpufleet.gateway.h2 import grpc_headers as gh
+from gpufleet.gateway.h2.connection import CONNECTION_LOST, H2Connection, flush_dirty
+from gpufleet.gateway.h2.hpack_codec import Header
+from gpufleet.gateway.h2.upstream_pool import H2UpstreamPool
+from gpufleet.gateway.handlers import INTERNAL_MESSAGE
+from gpufleet.gateway.oip_service import SERVICE_NAME, model_name_of, stream_error_response
+from gpufleet.gateway.rpc_errors import INVALID_REQUEST, CallError
+from gpufleet.gateway.wire import WireFormatError, read_string_field
+
+_log = logging.getLogger(__name__)
+
+# path -> (call kind for the metrics, field named in errors, streaming)
+_FAST_METHODS: dict[bytes, tuple[str, str, bool]] = {
+    f"/{SERVICE_NAME}/ModelInfer".encode(): ("model_infer", "model_name", False),
+    f"/{SERVICE_NAME}/ModelMetadata".encode(): ("model_metadata", "name", False),
+    f"/{SERVICE_NAME}/ModelStreamInfer".encode(): ("model_stream_infer", "model_name", True),
+}
+_USER_AGENT: Header = (b"user-agent", b"gpufleet-gateway")
+_MESSAGE_PREFIX = 5
+_MODEL_NAME_FIELD = 1
+
+
+class Front:
+    """The HTTP/2 server of the data plane port."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        internal_address: str,
+        max_message_bytes: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.upstreams = H2UpstreamPool()
+        self.max_message_bytes = max_message_bytes
+        self._internal_address = internal_address
+        self._ssl = ssl_context
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[H2Connection] = set()
+        self._internal: dict[H2Connection, H2Connection] = {}
+        self._internal_pool = H2UpstreamPool()
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port; returns the bound port."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._new_connection, host.strip("[]") or None, port, ssl=self._ssl,
+            reuse_address=True,
+        )
+        sockets = self._server.sockets
+        bound: int = sockets[0].getsockname()[1]
+        return bound
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new streams (GOAWAY), let open ones finish for `grace` s, then close."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections):
+            connection.goaway()
+        waits = [c.wait_idle() for c in list(self._connections)]
+        if waits:
+            try:
+                await asyncio.wait_for(asyncio.gather(*waits), grace)
+            except asyncio.TimeoutError:
+                pass
+        for connection in list(self._connections):
+            connection.close()
+        self.upstreams.close()
+        self._internal_pool.close()
+
+    def retain(self, addresses: set[str]) -> None:
+        self.upstreams.retain(addresses)
+
+    def _new_connection(self) -> H2Connection:
+        connection = H2Connection(
+            client=False, on_new_stream=self._new_stream, on_closed=self._closed
+        )
+        self._connections.add(connection)
+        return connection
+
+    def _closed(self, connection: H2Connection) -> None:
+        self._connections.discard(connection)
+        internal = self._internal.pop(connection, None)
+        if internal is not None:
+            internal.close_when_idle()
+
+    def _new_stream(
+        self, connection: H2Connection, stream_id: int, headers: tuple[Header, ...],
+        end_stream: bool,
+    ) -> Any:
+        path = b""
+        method = b""
+        content_type = b""
+        plain = True
+        te = False
+        for name, value in headers:
+            if name == b":path":
+                path = value
+            elif name == b":method":
+                method = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"te":
+                te = value == b"trailers"
+            elif name == gh.GRPC_ENCODING:
+                plain = value == b"identity"
+        fast = _FAST_METHODS.get(path)
+        if (
+            fast is not None
+            and not end_stream
+            and method == b"POST"
+            and te
+            and plain
+            and (content_type == b"application/grpc" or content_type == b"application/grpc+proto")
+        ):
+            return FastCall(self, connection, stream_id, path, fast)
+        return Relay(self._internal_connection(connection), connection, stream_id)
+
+    def _internal_connection(self, connection: H2Connection) -> H2Connection:
+        internal = self._internal.get(connection)
+        if internal is None or not internal.can_open_stream():
+            # One per client connection: a fresh key so the pool never shares it.
+            key = f"{self._internal_address}#{id(connection)}"
+            internal = self._internal_pool.connection_to(key, self._internal_address)
+            self._internal[connection] = internal
+        return internal
+
+
+class Relay:
+    """A stream relayed unchanged to the internal grpc.aio server."""
+
+    def __init__(self, upstream: H2Connection, client: H2Connection, stream_id: int) -> None:
+        self._upstream = upstream
+        self._client = client
+        self._stream_id = stream_id
+        self._upstream_id = 0
+        self._side = _UpstreamSide(self)
+        self._done = False
+
+    def on_headers(self, headers: tuple[Header, ...], end_stream: bool) -> None:
+        if self._upstream_id:
+            self._upstream.send_headers(self._upstream_id, headers, end_stream)
+            return
+        self._upstream_id = self._upstream.open_stream(headers, end_stream, self._side)
+
+    def on_data(self, data: bytes, end_stream: bool) -> None:
+        self._upstream.send_data(self._upstream_id, data, end_stream)
+
+    def on_reset(self, error_code: int, reason: str) -> None:
+        if not self._done:
+            self._done = True
+            self._upstream.reset_stream(self._upstream_id, f.CANCEL)
+
+    def on_sent(self, count: int) -> None:
+        self._upstream.release_window(self._upstream_id, count)
+
+    # upstream side
+    def up_headers(self, headers: tuple[Header, ...], end_stream: bool) -> None:
+        self._client.send_headers(self._stream_id, headers, end_stream)
+
+    def up_data(self, data: bytes, end_stream: bool) -> None:
+        self._client.send_data(self._stream_id, data, end_stream)
+
+    def up_reset(self, error_code: int, reason: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        if error_code == CONNECTION_LOST or error_code == f.REFUSED_STREAM:
+            _send_status(
+                self._client, self._stream_id, grpc.StatusCode.UNAVAILABLE,
+                f"the gateway's internal server is unavailable ({reason}); retry the call",
+            )
+        else:
+            self._client.reset_stream(self._stream_id, error_code)
+
+    def up_sent(self, count: int) -> None:
+        self._client.release_window(self._stream_id, count)
+
+
+class _UpstreamSide:
+    """The events of the instance-side stream of a call, passed to its owner."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: Relay | FastCall) -> None:
+        self._owner = owner
+
+    def on_headers(self, headers: tuple[Header, ...], end_stream: bool) -> None:
+        self._owner.up_headers(headers, end_stream)
+
+    def on_data(self, data: bytes, end_stream: bool) -> None:
+        self._owner.up_data(data, end_stream)
+
+    def on_reset(self, error_code: int, reason: str) -> None:
+        self._owner.up_reset(error_code, reason)
+
+    def on_sent(self, count: int) -> None:
+        self._owner.up_sent(count)
+
+
+def _send_status(
+    connection: H2Connection,
+    stream_id: int,
+    code: grpc.StatusCode,
+    message: str,
+    metadata: tuple[tuple[str, str | bytes], ...] = (),
+    headers_sent: bool = False,
+) -> None:
+    """End a stream with a status (trailers-only unless headers were sent)."""
+    trailers = gh.status_trailers(code, message, metadata)
+    if not headers_sent:
+        trailers[:0] = [gh.STATUS_200, gh.CONTENT_TYPE_GRPC]
+    connection.send_headers(stream_id, trailers, True)
+
+
+class _Context:
+    """What Dispatcher.admit reads from a call: its deadline and its connection."""
+
+    __slots__ = ("deadline", "connection_id")
+
+    def __init__(self, deadline: float | None, connection_id: str) -> None:
+        self.deadline = deadline
+        self.connection_id = connection_id
+
+    def time_remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    def peer(self) -> str:
+        return self.connection_id
+
+    def code(self) -> grpc.StatusCode | None:
+        return None
+
+
+class FastCall:
+    """One inference call served by the front: admission, then frames to the instance."""
+
+    def __init__(
+        self,
+        front: Front,
+        client: H2Connection,
+        stream_id: int,
+        path: bytes,
+        method: tuple[str, str, bool],
+    ) -> None:
+        self._front = front
+        self._client = client
+        self._stream_id = stream_id
+        self._path = path
+        self._kind, self._field, self._streaming = method
+        self._arrived_at = time.monotonic()
+        self._headers: tuple[Header, ...] = ()
+        self._context: _Context | None = None
+        self._buffer = bytearray()
+        self._client_ended = False
+        self._prereleased = 0
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._target: CallTarget | None = None
+        self._upstream: H2Connection | None = None
+        self._upstream_id = 0
+        self._model = ""
+        self._headers_sent = False
+        self._done = False
+        # Streams only: request messages still being read, and the gateway's own error
+        # responses waiting for a message boundary of the instance's responses.
+        self._injected: list[bytes] = []
+        self._injected_bytes = 0
+        self._response_header = b""
+        self._response_left = 0
+
+    # -- the client's stream ---------------------------------------------------------
+
+    def on_headers(self, headers: tuple[Header, ...], end_stream: bool) -> None:
+        if self._context is None:
+            self._headers = headers
+            deadline = None
+            for name, value in headers:
+                if name == gh.GRPC_TIMEOUT:
+                    seconds = gh.parse_timeout(value)
+                    if seconds is not None:
+                        deadline = self._arrived_at + seconds
+            self._context = _Context(deadline, self._client.peer or f"h2-{id(self._client)}")
+            if deadline is not None:
+                self._timer = asyncio.get_running_loop().call_at(
+                    _loop_time(deadline), self._deadline_passed
+                )
+            return
+        # Trailers from a client end its side; gRPC clients send none.
+        if end_stream:
+            self.on_data(b"", True)
+
+    def on_data(self, data: bytes, end_stream: bool) -> None:
+        if end_stream:
+            self._client_ended = True
+        if self._done:
+            self._client.release_window(self._stream_id, len(data))
+            return
+        if self._upstream_id and not self._streaming:
+            assert self._upstream is not None
+            self._upstream.send_data(self._upstream_id, data, end_stream)
+            return
+        # Read messages: the first (for the model name) and, on streams, each one.
+        self._client.release_window(self._stream_id, len(data))
+        self._prereleased += len(data)
+        self._buffer += data
+        self._read_messages()
+
+    def _read_messages(self) -> None:
+        buffer = self._buffer
+        while len(buffer) >= _MESSAGE_PREFIX and not self._done:
+            if buffer[0] != 0:
+                self._refuse(CallError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "the request message is flagged compressed but the call set no "
+                    "grpc-encoding; send it uncompressed or set grpc-encoding",
+                    reason=INVALID_REQUEST,
+                ))
+                return
+            length = int.from_bytes(buffer[1:5], "big")
+            if length > self._front.max_message_bytes:
+                self._refuse(CallError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the request message of {length} bytes exceeds the gateway's maximum of "
+                    f"{self._front.max_message_bytes} bytes; send a smaller one",
+                    reason=INVALID_REQUEST,
+                ))
+                return
+            if len(buffer) < _MESSAGE_PREFIX + length:
+                break
+            if self._task is None and not self._upstream_id:
+                self._start(bytes(buffer[_MESSAGE_PREFIX : _MESSAGE_PREFIX + length]))
+                if not self._streaming:
+                    break  # unary: the rest goes to the instance as it is
+                # Streams: the first message is sent on admission with the buffer.
+                break
+            if not self._upstream_id:
+                break  # wait for admission with the messages buffered
+            message = bytes(buffer[: _MESSAGE_PREFIX + length])
+            del buffer[: _MESSAGE_PREFIX + length]
+            self._stream_message(message)
+        if self._client_ended and not self._done and self._task is None and not self._upstream_id:
+            if self._streaming and not buffer:
+                # A stream closed before its first request: nothing to forward.
+                self._finish_local(grpc.StatusCode.OK, "")
+            else:
+                self._refuse(CallError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "the call ended before a complete request message; send one message",
+                    reason=INVALID_REQUEST,
+                ))
+        elif self._upstream_id and self._streaming and self._client_ended and not buffer:
+            assert self._upstream is not None
+            self._upstream.send_data(self._upstream_id, b"", True)
+
+    def _stream_message(self, message: bytes) -> None:
+        """A later request on a stream: forwarded if it names the stream's model."""
+        assert self._upstream is not None
+        body = message[_MESSAGE_PREFIX:]
+        try:
+            other = read_string_field(body, _MODEL_NAME_FIELD) or ""
+        except WireFormatError as err:
+            self._inject(stream_error_response(
+                f"the request is not a valid protobuf message ({err})", body, ""))
+            return
+        if other != self._model:
+            self._inject(stream_error_response(
+                f"this stream serves model {self._model!r} (its first request named it); "
+                f"open another stream for model {other!r}", body, other))
+            return
+        self._upstream.send_data(self._upstream_id, message, False)
+
+    def on_reset(self, error_code: int, reason: str) -> None:
+        if self._done:
+            return
+        remaining = self._context.time_remaining() if self._context else None
+        expired = remaining is not None and remaining <= 0
+        if self._task is not None:
+            self._task.cancel()  # admission tells the observer itself
+        if self._upstream_id and self._upstream is not None:
+            self._upstream.reset_stream(self._upstream_id, f.CANCEL)
+        if expired:
+            self._end(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_PASSED)
+        else:
+            self._end(grpc.StatusCode.CANCELLED, CLIENT_CANCELLED)
+
+    def on_sent(self, count: int) -> None:
+        """Response bytes reached the client's connection: the instance may send more."""
+        if self._injected_bytes:
+            own = min(count, self._injected_bytes)
+            self._injected_bytes -= own
+            count -= own
+        if self._upstream is not None and count:
+            self._upstream.release_window(self._upstream_id, count)
+
+    # -- admission -------------------------------------------------------------------
+
+    def _start(self, first_message: bytes) -> None:
+        try:
+            self._model = model_name_of(first_message, self._field)
+        except CallError as err:
+            self._refuse(err)
+            return
+        self._task = asyncio.get_running_loop().create_task(self._admit())
+
+    async def _admit(self) -> None:
+        CALL_KIND.set(self._kind)
+        assert self._context is not None
+        try:
+            target = await self._front.dispatcher.admit(
+                self._model, self._context, gh.metadata_of(self._headers)  # type: ignore[arg-type]
+            )
+        except CallError as err:
+            self._task = None
+            self._refuse(err)
+            flush_dirty()
+            return
+        except asyncio.CancelledError:
+            return
+        except Exception:  # noqa: BLE001 - a bug must not leave the client waiting
+            _log.exception("unexpected error admitting a %s call", self._kind)
+            self._task = None
+            self._refuse(CallError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE,
+                                   reason=GATEWAY_INTERNAL))
+            flush_dirty()
+            return
+        self._task = None
+        target.context = None  # this call reports its own end
+        if self._done:
+            target.release()
+            return
+        self._target = target
+        try:
+            self._open_upstream(target)
+        except Exception:  # noqa: BLE001 - as above
+            _log.exception("unexpected error forwarding a %s call", self._kind)
+            self._fail(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, GATEWAY_INTERNAL)
+        flush_dirty()
+
+    def _open_upstream(self, target: CallTarget) -> None:
+        address = target.upstream.address
+        upstream = self._front.upstreams.connection(address)
+        headers: list[Header] = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", self._path),
+            (b":authority", address.encode()),
+            gh.CONTENT_TYPE_GRPC,
+            (b"te", b"trailers"),
+        ]
+        assert self._context is not None
+        remaining = self._context.time_remaining()
+        if remaining is not None:
+            headers.append((gh.GRPC_TIMEOUT, gh.format_timeout(remaining)))
+        headers += gh.request_headers_to_forward(self._headers)
+        headers.append(_USER_AGENT)
+        self._upstream = upstream
+        self._upstream_id = upstream.open_stream(headers, False, _UpstreamSide(self))
+        buffer = self._buffer
+        if not self._streaming:
+            data = bytes(buffer)
+            buffer.clear()
+            upstream.send_data(self._upstream_id, data, self._client_ended)
+            return
+        # Streams: the first message as it came, then the later ones one by one.
+        length = int.from_bytes(buffer[1:5], "big")
+        first = bytes(buffer[: _MESSAGE_PREFIX + length])
+        del buffer[: _MESSAGE_PREFIX + length]
+        upstream.send_data(self._upstream_id, first, False)
+        self._read_messages()
+
+    # -- the instance's stream -------------------------------------------------------
+
+    def up_headers(self, headers: tuple[Header, ...], end_stream: bool) -> None:
+        if self._done:
+            return
+        target = self._target
+        assert target is not None
+        if not self._headers_sent:
+            self._headers_sent = True
+            http_error = gh.http_status_code(headers)
+            if http_error is not None:
+                self._upstream_failed(http_error, "the instance answered with HTTP "
+                                      "status other than 200; is it a gRPC server?")
+                return
+            out = [gh.STATUS_200, gh.CONTENT_TYPE_GRPC]
+            if not end_stream:
+                out += gh.response_headers_to_return(headers)
+            out.append((gh.ROUTE_TARGET, target.instance_id.encode()))
+            self._client.send_headers(self._stream_id, out, False)
+            if not end_stream:
+                self._flush_injected()
+                return
+        if not end_stream:
+            return  # a second header block that is not trailers: not gRPC; ignore it
+        self._flush_injected(final=True)
+        trailers = gh.trailers_to_return(headers)
+        code = gh.status_code_of(headers)
+        if not any(name == gh.GRPC_STATUS for name, _ in trailers):
+            trailers = [*gh.status_trailers(code, "the instance sent no grpc-status"), *trailers]
+        self._client.send_headers(self._stream_id, trailers, True)
+        self._end(code, "" if code is grpc.StatusCode.OK else INSTANCE_STATUS)
+
+    def up_data(self, data: bytes, end_stream: bool) -> None:
+        if self._done:
+            assert self._upstream is not None
+            self._upstream.release_window(self._upstream_id, len(data))
+            return
+        if data:
+            self._client.send_data(self._stream_id, data, False)
+            if self._streaming:
+                self._track_responses(data)
+                self._flush_injected()
+        if end_stream:
+            self._upstream_failed(grpc.StatusCode.INTERNAL,
+                                  "the instance ended its response without a gRPC status")
+
+    def up_reset(self, error_code: int, reason: str) -> None:
+        if self._done:
+            return
+        if error_code == f.CANCEL:
+            self._upstream_failed(grpc.StatusCode.CANCELLED, "the instance cancelled the call")
+        elif error_code in (CONNECTION_LOST, f.REFUSED_STREAM):
+            target = self._target
+            where = f" {target.instance_id!r}" if target is not None else ""
+            self._upstream_failed(grpc.StatusCode.UNAVAILABLE,
+                                  f"instance{where} is unreachable ({reason}); retry the call")
+        elif error_code == f.ENHANCE_YOUR_CALM:
+            self._upstream_failed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  "the instance refused the call as too many")
+        else:
+            self._upstream_failed(grpc.StatusCode.INTERNAL,
+                                  f"the instance reset the call (HTTP/2 error {error_code})")
+
+    def up_sent(self, count: int) -> None:
+        """Request bytes reached the instance's connection: the client may send more."""
+        if self._prereleased:
+            own = min(count, self._prereleased)
+            self._prereleased -= own
+            count -= own
+        if count:
+            self._client.release_window(self._stream_id, count)
+
+    def _upstream_failed(self, code: grpc.StatusCode, message: str) -> None:
+        if self._upstream is not None and self._upstream_id:
+            self._upstream.reset_stream(self._upstream_id, f.CANCEL)
+        self._flush_injected(final=True)
+        target = self._target
+        if not self._headers_sent and target is not None:
+            self._headers_sent = True
+            self._client.send_headers(
+                self._stream_id,
+                [gh.STATUS_200, gh.CONTENT_TYPE_GRPC,
+                 (gh.ROUTE_TARGET, target.instance_id.encode())],
+                False,
+            )
+        _send_status(self._client, self._stream_id, code, message, headers_sent=True)
+        self._end(code, INSTANCE_STATUS)
+
+    # -- gateway responses inside a stream -------------------------------------------
+
+    def _inject(self, response: bytes) -> None:
+        self._injected.append(b"\x00" + len(response).to_bytes(4, "big") + response)
+        self._flush_injected()
+
+    def _track_responses(self, data: bytes) -> None:
+        """Follow the instance's message boundaries so injected responses fit between."""
+        position = 0
+        end = len(data)
+        while position < end:
+            if self._response_left:
+                step = min(self._response_left, end - position)
+                self._response_left -= step
+                position += step
+                continue
+            need = _MESSAGE_PREFIX - len(self._response_header)
+            self._response_header += data[position : position + need]
+            position += need
+            if len(self._response_header) == _MESSAGE_PREFIX:
+                self._response_left = int.from_bytes(self._response_header[1:5], "big")
+                self._response_header = b""
+
+    def _flush_injected(self, final: bool = False) -> None:
+        if not self._injected or not self._headers_sent:
+            return
+        at_boundary = not self._response_left and not self._response_header
+        if not (at_boundary or final):
+            return
+        for message in self._injected:
+            self._injected_bytes += len(message)
+            self._client.send_data(self._stream_id, message, False)
+        self._injected.clear()
+
+    # -- endings ---------------------------------------------------------------------
+
+    def _deadline_passed(self) -> None:
+        self._timer = None
+        if self._done:
+            return
+        if self._task is not None:
+            return  # admission ends the wait itself (QUEUE_TIMEOUT)
+        if self._upstream_id and self._upstream is not None:
+            self._upstream.reset_stream(self._upstream_id, f.CANCEL)
+        self._fail(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", DEADLINE_PASSED)
+        flush_dirty()
+
+    def _refuse(self, err: CallError) -> None:
+        """End the call with a refusal of the gateway's own."""
+        if self._done:
+            return
+        _send_status(self._client, self._stream_id, err.code, err.message,
+                     err.trailing_metadata(), self._headers_sent)
+        self._end(err.code, err.reason)
+
+    def _fail(self, code: grpc.StatusCode, message: str, reason: str) -> None:
+        _send_status(self._client, self._stream_id, code, message,
+                     headers_sent=self._headers_sent)
+        self._end(code, reason)
+
+    def _finish_local(self, code: grpc.StatusCode, message: str) -> None:
+        _send_status(self._client, self._stream_id, code, message)
+        self._done = True
+        self._cancel_timer()
+
+    def _end(self, code: grpc.StatusCode, reason: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._cancel_timer()
+        self._buffer.clear()
+        self._injected.clear()
+        target = self._target
+        if target is None:
+            return
+        target.release()
+        target.observer.ended(
+            target.deployment.name, self._kind, code, reason,
+            time.monotonic() - self._arrived_at,
+        )
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _loop_time(deadline: float) -> float:
+    """A time.monotonic() deadline on the event loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline - time.monotonic())
