@@ -100,8 +100,22 @@ class NullObserver:
 NULL_OBSERVER = NullObserver()
 
 
+class CallContext(Protocol):
+    """What the dispatcher reads from a call: a grpc.aio ServicerContext, or the HTTP/2
+    front's own call context."""
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the call's deadline; None without one."""
+
+    def peer(self) -> str:
+        """The client connection (per-connection limits count by it)."""
+
+    def code(self) -> Any:
+        """The status code set on the call so far (grpc.StatusCode), or None."""
+
+
 def call_outcome(
-    error: BaseException | None, context: grpc.aio.ServicerContext[Any, Any]
+    error: BaseException | None, context: CallContext
 ) -> tuple[grpc.StatusCode, str]:
     """The status code and reason a forwarded call ended with, from the exception that ended
     its `with target:` block (None: it returned normally)."""

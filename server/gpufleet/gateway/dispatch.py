@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
 
 import grpc
 
@@ -30,6 +29,7 @@ from gpufleet.gateway.admission import Lease
 from gpufleet.gateway.call_observer import (
     CALL_KIND,
     CLIENT_CANCELLED,
+    CallContext,
     NULL_OBSERVER,
     OTHER_KIND,
     UNKNOWN_DEPLOYMENT,
@@ -61,7 +61,7 @@ class CallTarget:
     """Its slot on the instance."""
     upstream: Upstream
     """The instance's channel."""
-    context: grpc.aio.ServicerContext[Any, Any] | None = None
+    context: CallContext | None = None
     """The call's server context; its status is read when the call ends."""
     kind: str = OTHER_KIND
     """Handler kind (see call_observer.CALL_KIND)."""
@@ -135,7 +135,7 @@ class Dispatcher:
     async def admit(
         self,
         name: str,
-        context: grpc.aio.ServicerContext[Any, Any],
+        context: CallContext,
         metadata: Iterable[Metadatum] | None,
     ) -> CallTarget:
         """Run steps 1-5 for a call to `name`; raises CallError.
@@ -196,7 +196,7 @@ class Dispatcher:
     async def _acquire(
         self,
         state: DeploymentState,
-        context: grpc.aio.ServicerContext[Any, Any],
+        context: CallContext,
         rule: RouteRule,
         hash_value: str | bytes | None,
     ) -> tuple[Lease, Upstream]:

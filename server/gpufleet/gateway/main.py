@@ -73,6 +73,14 @@ def build_parser() -> OneLineErrorParser:
         help="serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics; a bare "
         "PORT binds 127.0.0.1 (default: no metrics endpoint)",
     )
+    parser.add_argument(
+        "--data-plane",
+        choices=("h2", "grpc"),
+        default="h2",
+        help="who serves the data plane port: h2 = the gateway's own HTTP/2 layer, which "
+        "forwards inference calls' frames (fastest); grpc = the grpc.aio server, as before "
+        "the h2 layer existed (default: h2)",
+    )
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate for the data plane port")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument(
@@ -137,6 +145,7 @@ def config_from_args(
             server_tls_ca=args.server_tls_ca,
             server_tls_cert=args.server_tls_cert,
             server_tls_key=args.server_tls_key,
+            http2_front=args.data_plane == "h2",
         )
     except ValueError as err:
         raise StartupError(str(err)) from None

@@ -69,6 +69,7 @@ class _Stream:
         "local_closed",
         "remote_closed",
         "unacked",
+        "pending_bytes",
     )
 
     def __init__(self, stream_id: int, events: StreamEvents, send_window: int) -> None:
@@ -81,6 +82,7 @@ class _Stream:
         self.local_closed = False
         self.remote_closed = False
         self.unacked = 0
+        self.pending_bytes = 0
 
 
 NewStream = Callable[["H2Connection", int, tuple[Header, ...], bool], StreamEvents]
@@ -249,9 +251,15 @@ class H2Connection(asyncio.Protocol):
             return
         if data:
             stream.pending.append(data)
+            stream.pending_bytes += len(data)
         if end_stream:
             stream.end_pending = True
         self._pump(stream)
+
+    def queued_bytes(self, stream_id: int) -> int:
+        """Bytes queued with send_data that the peer's windows have not let out yet."""
+        stream = self._streams.get(stream_id)
+        return 0 if stream is None else stream.pending_bytes
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         """Send RST_STREAM and forget the stream (its handler hears nothing more)."""
@@ -355,6 +363,7 @@ class H2Connection(asyncio.Protocol):
                 pending[0] = chunk[allowed:]
                 chunk = chunk[:allowed]
             size = len(chunk)
+            stream.pending_bytes -= size
             stream.send_window -= size
             self._send_window -= size
             sent += size
@@ -544,12 +553,12 @@ class H2Connection(asyncio.Protocol):
                 if stream.pending:
                     self._pump(stream)
             return
-        stream = self._streams.get(stream_id)
-        if stream is None:
+        target = self._streams.get(stream_id)
+        if target is None:
             return
-        stream.send_window += increment
-        if stream.pending:
-            self._pump(stream)
+        target.send_window += increment
+        if target.pending:
+            self._pump(target)
 
     def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id or len(payload) % 6:

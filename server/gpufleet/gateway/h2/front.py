@@ -51,6 +51,9 @@ _FAST_METHODS: dict[bytes, tuple[str, str, bool]] = {
 }
 _USER_AGENT: Header = (b"user-agent", b"gpufleet-gateway")
 _MESSAGE_PREFIX = 5
+_MAX_HELD_BYTES = 1024 * 1024
+"""Request bytes the front holds for one call (waiting for admission, or for the
+instance's window) before it stops refilling the client's window."""
 _MODEL_NAME_FIELD = 1
 
 
@@ -102,7 +105,8 @@ class Front:
         self.upstreams.close()
         self._internal_pool.close()
 
-    def retain(self, addresses: set[str]) -> None:
+    def retain(self, addresses: frozenset[str]) -> None:
+        """The route table's instance addresses now (others close once idle)."""
         self.upstreams.retain(addresses)
 
     def _new_connection(self) -> H2Connection:
@@ -289,7 +293,8 @@ class FastCall:
         self._context: _Context | None = None
         self._buffer = bytearray()
         self._client_ended = False
-        self._prereleased = 0
+        self._unreleased = 0
+        self._first_length = -1
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._target: CallTarget | None = None
@@ -332,15 +337,30 @@ class FastCall:
         if self._done:
             self._client.release_window(self._stream_id, len(data))
             return
+        self._unreleased += len(data)
         if self._upstream_id and not self._streaming:
             assert self._upstream is not None
             self._upstream.send_data(self._upstream_id, data, end_stream)
+        else:
+            # Read messages: the first (for the model name) and, on streams, each one.
+            self._buffer += data
+            self._read_messages()
+        self._release_window()
+
+    def _release_window(self) -> None:
+        """Let the client send as much again as it sent, unless the front already holds
+        too much of it: a message it has not read whole is always let in (it is bounded
+        by max_message_bytes), more only while the instance's side keeps up."""
+        if not self._unreleased or self._done:
             return
-        # Read messages: the first (for the model name) and, on streams, each one.
-        self._client.release_window(self._stream_id, len(data))
-        self._prereleased += len(data)
-        self._buffer += data
-        self._read_messages()
+        if self._upstream is not None:
+            # What is left in the buffer is one message not yet whole: always let it in.
+            held = self._upstream.queued_bytes(self._upstream_id)
+        else:
+            held = len(self._buffer) - max(self._first_length, 0)
+        if self._first_length < 0 or held < _MAX_HELD_BYTES:
+            self._client.release_window(self._stream_id, self._unreleased)
+            self._unreleased = 0
 
     def _read_messages(self) -> None:
         buffer = self._buffer
@@ -365,6 +385,7 @@ class FastCall:
             if len(buffer) < _MESSAGE_PREFIX + length:
                 break
             if self._task is None and not self._upstream_id:
+                self._first_length = _MESSAGE_PREFIX + length
                 self._start(bytes(buffer[_MESSAGE_PREFIX : _MESSAGE_PREFIX + length]))
                 if not self._streaming:
                     break  # unary: the rest goes to the instance as it is
@@ -444,7 +465,7 @@ class FastCall:
         assert self._context is not None
         try:
             target = await self._front.dispatcher.admit(
-                self._model, self._context, gh.metadata_of(self._headers)  # type: ignore[arg-type]
+                self._model, self._context, gh.metadata_of(self._headers)
             )
         except CallError as err:
             self._task = None
@@ -497,6 +518,7 @@ class FastCall:
             data = bytes(buffer)
             buffer.clear()
             upstream.send_data(self._upstream_id, data, self._client_ended)
+            self._release_window()
             return
         # Streams: the first message as it came, then the later ones one by one.
         length = int.from_bytes(buffer[1:5], "big")
@@ -504,6 +526,7 @@ class FastCall:
         del buffer[: _MESSAGE_PREFIX + length]
         upstream.send_data(self._upstream_id, first, False)
         self._read_messages()
+        self._release_window()
 
     # -- the instance's stream -------------------------------------------------------
 
@@ -570,12 +593,7 @@ class FastCall:
 
     def up_sent(self, count: int) -> None:
         """Request bytes reached the instance's connection: the client may send more."""
-        if self._prereleased:
-            own = min(count, self._prereleased)
-            self._prereleased -= own
-            count -= own
-        if count:
-            self._client.release_window(self._stream_id, count)
+        self._release_window()
 
     def _upstream_failed(self, code: grpc.StatusCode, message: str) -> None:
         if self._upstream is not None and self._upstream_id:

@@ -112,7 +112,7 @@ def metadata_of(headers: Iterable[Header]) -> tuple[Metadatum, ...]:
         key = name.decode("latin-1")
         if key.endswith("-bin"):
             try:
-                entries.append((key, base64.b64decode(value + b"=" * (-len(value) % 4))))
+                entries.append((key, base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)))
             except (binascii.Error, ValueError):
                 continue
         else:
@@ -136,7 +136,11 @@ def format_timeout(seconds: float) -> bytes:
     millis = micros // 1000
     if millis < 100_000_000:
         return b"%dm" % millis
-    return b"%dS" % min(micros // 1_000_000, 99_999_999)
+    for unit, size in ((b"S", 1), (b"M", 60), (b"H", 3600)):
+        count = micros // (1_000_000 * size)
+        if count < 100_000_000:
+            return b"%d%s" % (count, unit)
+    return b"99999999H"
 
 
 def encode_message(message: str) -> bytes:
