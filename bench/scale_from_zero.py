@@ -165,7 +165,7 @@ PLATFORM_SEGMENTS = (
     Segment(
         ROUTE_SEEN,
         RESPONSE,
-        "the gateway hands the queued call to the instance over a new channel; the echo",
+        "the gateway hands the queued call to the instance over a new HTTP/2 connection; the echo",
     ),
 )
 BARE_SEGMENTS = (

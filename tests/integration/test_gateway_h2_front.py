@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import h2.config
@@ -17,9 +18,12 @@ import h2.events
 import hpack
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from gpufleet.gateway.app import Gateway
+from gpufleet.gateway.main import build_parser, config_from_args
 from gpufleet.inference import grpc_service_pb2 as pb
 from gpufleet.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.integration.test_gateway_support import (
@@ -31,6 +35,7 @@ from tests.integration.test_gateway_support import (
     route,
     running_gateway,
     start_model_server,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -253,3 +258,79 @@ async def test_health_is_relayed_to_the_grpc_server_behind_the_front(gateway: Ga
             health_pb2.HealthCheckRequest(), timeout=10
         )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+_frame_types = st.integers(min_value=0, max_value=12)
+_frames = st.lists(
+    st.tuples(
+        _frame_types,
+        st.integers(min_value=0, max_value=255),
+        st.sampled_from([0, 1, 3, 5, 2, 2**31 - 1]),
+        st.binary(max_size=64),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+def _raw_frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+async def test_random_frames_never_break_the_gateway(gateway: Gateway) -> None:
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _raw_frame(4, 0, 0, b"")
+    block = hpack.Encoder().encode(_request_headers(gateway))
+    request_start = _raw_frame(1, 4, 1, block)  # a valid HEADERS to reach stream handling
+    answered: list[int] = []
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(frames=_frames, with_request=st.booleans())
+    def fuzz(frames: list[tuple[int, int, int, bytes]], with_request: bool) -> None:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            data = preface + (request_start if with_request else b"")
+            data += b"".join(_raw_frame(*frame) for frame in frames)
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            received = 0
+            while chunk := sock.recv(65536):
+                received += len(chunk)
+            answered.append(received)
+
+    await asyncio.to_thread(fuzz)
+    # Every connection got at least the server's SETTINGS (a 9-byte frame and more).
+    assert len(answered) >= 150 and min(answered) > 9
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+        response = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            _request(request_id="after-fuzz"), metadata=AUTH, timeout=10
+        )
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert response.id == "after-fuzz"
+    state = gateway.table.resolve("echo")
+    assert state is not None
+    await wait_until(lambda: state.admission.in_flight == 0)
+
+
+async def test_the_grpc_data_plane_still_serves_the_port(model_server: ModelServer) -> None:
+    async with control_plane(route("echo", [("echo-1", model_server.address)])) as plane:
+        async with running_gateway(plane, http2_front=False) as gateway:
+            assert gateway.front is None
+            async with grpc.aio.insecure_channel(gateway.address) as channel:
+                call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                    _request(request_id="grpc"), metadata=AUTH, timeout=10
+                )
+                assert (await call).id == "grpc"
+                headers = metadata_dict(await call.initial_metadata())
+    assert headers[ROUTE_TARGET_KEY] == "echo-1"
+
+
+@pytest.mark.parametrize("flag, front", [([], True), (["--data-plane", "grpc"], False),
+                                         (["--data-plane", "h2"], True)])
+def test_data_plane_flag(tmp_path: Path, flag: list[str], front: bool) -> None:
+    args = build_parser().parse_args(["--token", "t", *flag])
+    assert config_from_args(args, {}, tmp_path).http2_front is front

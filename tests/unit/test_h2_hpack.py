@@ -36,7 +36,9 @@ C4 = [
 
 
 @pytest.mark.parametrize("blocks", [C3, C4], ids=["plain", "huffman"])
-def test_rfc_examples_decode_with_the_dynamic_table(blocks: list[tuple[str, list]]) -> None:
+def test_rfc_examples_decode_with_the_dynamic_table(
+    blocks: list[tuple[str, list[tuple[bytes, bytes]]]],
+) -> None:
     decoder = Decoder()
     for block, expected in blocks:
         assert list(decoder.decode(bytes.fromhex(block))) == expected
