@@ -16,6 +16,7 @@ a grpc.aio gateway cannot stay within 2 x the latency of a direct call (bench/RE
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import ssl
 import time
@@ -76,6 +77,7 @@ class Front:
         self._connections: set[H2Connection] = set()
         self._internal: dict[H2Connection, H2Connection] = {}
         self._internal_pool = H2UpstreamPool()
+        self._internal_keys = itertools.count(1)
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port; returns the bound port."""
@@ -158,7 +160,7 @@ class Front:
         internal = self._internal.get(connection)
         if internal is None or not internal.can_open_stream():
             # One per client connection: a fresh key so the pool never shares it.
-            key = f"{self._internal_address}#{id(connection)}"
+            key = f"{self._internal_address}#{next(self._internal_keys)}"
             internal = self._internal_pool.connection_to(key, self._internal_address)
             self._internal[connection] = internal
         return internal
