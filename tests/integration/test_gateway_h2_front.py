@@ -10,6 +10,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import h2.config
@@ -118,7 +119,10 @@ class RawClient:
         self.sock.close()
 
 
-def _call_result(events: list[h2.events.Event]) -> tuple[dict[bytes, bytes], bytes, dict[bytes, bytes]]:
+CallResult = tuple[dict[bytes, bytes], bytes, dict[bytes, bytes]]
+
+
+def _call_result(events: list[h2.events.Event]) -> CallResult:
     headers: dict[bytes, bytes] = {}
     trailers: dict[bytes, bytes] = {}
     body = b""
@@ -334,3 +338,43 @@ async def test_the_grpc_data_plane_still_serves_the_port(model_server: ModelServ
 def test_data_plane_flag(tmp_path: Path, flag: list[str], front: bool) -> None:
     args = build_parser().parse_args(["--token", "t", *flag])
     assert config_from_args(args, {}, tmp_path).http2_front is front
+
+
+async def test_proxied_calls_are_forwarded_by_the_front_itself() -> None:
+    # The instance sees who called it: the front's own client, not grpc.aio's channel.
+    seen: list[dict[str, Any]] = []
+
+    async def unary(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        seen.append(metadata_dict(context.invocation_metadata()))
+        return request[::-1]
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(unary)}
+    )
+    upstream = grpc.aio.server()
+    upstream.add_generic_rpc_handlers((handler,))
+    port = upstream.add_insecure_port("127.0.0.1:0")
+    await upstream.start()
+    try:
+        routes = (route("echo-svc", [("svc-1", f"127.0.0.1:{port}")]),)
+        async with control_plane(*routes) as plane:
+            for front in (True, False):
+                async with running_gateway(plane, http2_front=front) as gateway:
+                    async with grpc.aio.insecure_channel(gateway.address) as channel:
+                        call = channel.unary_unary("/test.Echo/Unary", None, None)(
+                            b"abc",
+                            metadata=(*AUTH, ("gpufleet-deployment", "echo-svc"),
+                                      ("x-user", "alice")),
+                            timeout=10,
+                        )
+                        assert await call == b"cba"
+                        headers = metadata_dict(await call.initial_metadata())
+                        assert headers[ROUTE_TARGET_KEY] == "svc-1"
+    finally:
+        await upstream.stop(None)
+    through_front, through_grpc = seen
+    assert through_front["user-agent"].startswith("gpufleet-gateway")
+    assert not through_grpc["user-agent"].startswith("gpufleet-gateway")
+    for metadata in seen:
+        assert metadata["x-user"] == "alice"
+        assert "authorization" not in metadata and "gpufleet-deployment" not in metadata

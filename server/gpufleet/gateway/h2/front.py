@@ -3,9 +3,10 @@
 Calls of the inference methods that go to instances (ModelInfer, ModelMetadata,
 ModelStreamInfer) are served here: the request's first message gives the model name, the
 Dispatcher admits the call exactly as for the grpc.aio handlers, and the call's frames
-are then forwarded on one shared HTTP/2 connection per instance, bytes unchanged. Every
-other stream (health, reflection, the gateway's own OIP answers, the transparent proxy,
-compressed calls) is relayed unchanged to the grpc.aio server on an internal loopback
+are then forwarded on one shared HTTP/2 connection per instance, bytes unchanged. So are
+transparent proxy calls, whose `gpufleet-deployment` metadata names the deployment. Every
+other stream (health, reflection, the gateway's own OIP answers, ModelReady, compressed
+calls, proxy calls naming no deployment) is relayed unchanged to the grpc.aio server on an internal loopback
 port, over one internal connection per client connection so that per-connection limits
 still see each client connection as one.
 
@@ -20,7 +21,6 @@ import itertools
 import logging
 import ssl
 import time
-from typing import Any
 
 import grpc
 
@@ -34,10 +34,16 @@ from gpufleet.gateway.call_observer import (
 from gpufleet.gateway.dispatch import CallTarget, Dispatcher
 from gpufleet.gateway.h2 import frames as f
 from gpufleet.gateway.h2 import grpc_headers as gh
-from gpufleet.gateway.h2.connection import CONNECTION_LOST, H2Connection, flush_dirty
+from gpufleet.gateway.h2.connection import (
+    CONNECTION_LOST,
+    H2Connection,
+    StreamEvents,
+    flush_dirty,
+)
 from gpufleet.gateway.h2.hpack_codec import Header
 from gpufleet.gateway.h2.upstream_pool import H2UpstreamPool
 from gpufleet.gateway.handlers import INTERNAL_MESSAGE
+from gpufleet.gateway.metadata import DEPLOYMENT_METADATA_KEY
 from gpufleet.gateway.oip_service import SERVICE_NAME, model_name_of, stream_error_response
 from gpufleet.gateway.rpc_errors import INVALID_REQUEST, CallError
 from gpufleet.gateway.wire import WireFormatError, read_string_field
@@ -50,6 +56,10 @@ _FAST_METHODS: dict[bytes, tuple[str, str, bool]] = {
     f"/{SERVICE_NAME}/ModelMetadata".encode(): ("model_metadata", "name", False),
     f"/{SERVICE_NAME}/ModelStreamInfer".encode(): ("model_stream_infer", "model_name", True),
 }
+_PROXY = ("proxy", "", False)
+# Served by the grpc.aio server itself whatever the metadata (grpc's own services, OIP).
+_SERVED_PREFIXES = (b"/grpc.", f"/{SERVICE_NAME}/".encode())
+_DEPLOYMENT_KEY = DEPLOYMENT_METADATA_KEY.encode()
 _USER_AGENT: Header = (b"user-agent", b"gpufleet-gateway")
 _MESSAGE_PREFIX = 5
 _MAX_HELD_BYTES = 1024 * 1024
@@ -125,9 +135,12 @@ class Front:
             internal.close_when_idle()
 
     def _new_stream(
-        self, connection: H2Connection, stream_id: int, headers: tuple[Header, ...],
+        self,
+        connection: H2Connection,
+        stream_id: int,
+        headers: tuple[Header, ...],
         end_stream: bool,
-    ) -> Any:
+    ) -> StreamEvents:
         path = b""
         method = b""
         content_type = b""
@@ -144,16 +157,23 @@ class Front:
                 te = value == b"trailers"
             elif name == gh.GRPC_ENCODING:
                 plain = value == b"identity"
-        fast = _FAST_METHODS.get(path)
-        if (
-            fast is not None
-            and not end_stream
+        grpc_call = (
+            not end_stream
             and method == b"POST"
             and te
             and plain
-            and (content_type == b"application/grpc" or content_type == b"application/grpc+proto")
-        ):
-            return FastCall(self, connection, stream_id, path, fast)
+            and (
+                content_type == b"application/grpc"
+                or content_type.startswith(b"application/grpc+")
+            )
+        )
+        if grpc_call:
+            fast = _FAST_METHODS.get(path)
+            if fast is not None:
+                return FastCall(self, connection, stream_id, path, fast)
+            deployment = _proxied_deployment(path, headers)
+            if deployment:
+                return FastCall(self, connection, stream_id, path, _PROXY, deployment)
         return Relay(self._internal_connection(connection), connection, stream_id)
 
     def _internal_connection(self, connection: H2Connection) -> H2Connection:
@@ -164,6 +184,20 @@ class Front:
             internal = self._internal_pool.connection_to(key, self._internal_address)
             self._internal[connection] = internal
         return internal
+
+
+def _proxied_deployment(path: bytes, headers: tuple[Header, ...]) -> str:
+    """The deployment a call to the transparent proxy names, or "" when the call is not one
+    for the proxy, or names none (the grpc.aio proxy answers those with their error)."""
+    if path.startswith(_SERVED_PREFIXES):
+        return ""
+    for name, value in headers:
+        if name == _DEPLOYMENT_KEY:
+            try:
+                return value.decode("ascii").strip()
+            except UnicodeDecodeError:
+                return ""
+    return ""
 
 
 class Relay:
@@ -284,6 +318,7 @@ class FastCall:
         stream_id: int,
         path: bytes,
         method: tuple[str, str, bool],
+        proxied_to: str = "",
     ) -> None:
         self._front = front
         self._client = client
@@ -302,7 +337,10 @@ class FastCall:
         self._target: CallTarget | None = None
         self._upstream: H2Connection | None = None
         self._upstream_id = 0
-        self._model = ""
+        # A transparent proxy call names its deployment in metadata: admitted on its
+        # headers, its messages are never read.
+        self._proxy = bool(proxied_to)
+        self._model = proxied_to
         self._headers_sent = False
         self._done = False
         # Streams only: request messages still being read, and the gateway's own error
@@ -328,6 +366,9 @@ class FastCall:
                 self._timer = asyncio.get_running_loop().call_at(
                     _loop_time(deadline), self._deadline_passed
                 )
+            if self._proxy:
+                self._first_length = 0
+                self._task = asyncio.get_running_loop().create_task(self._admit())
             return
         # Trailers from a client end its side; gRPC clients send none.
         if end_stream:
@@ -343,6 +384,8 @@ class FastCall:
         if self._upstream_id and not self._streaming:
             assert self._upstream is not None
             self._upstream.send_data(self._upstream_id, data, end_stream)
+        elif self._proxy:
+            self._buffer += data  # until admission
         else:
             # Read messages: the first (for the model name) and, on streams, each one.
             self._buffer += data

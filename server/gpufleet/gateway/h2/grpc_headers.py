@@ -112,7 +112,8 @@ def metadata_of(headers: Iterable[Header]) -> tuple[Metadatum, ...]:
         key = name.decode("latin-1")
         if key.endswith("-bin"):
             try:
-                entries.append((key, base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)))
+                padded = value + b"=" * (-len(value) % 4)
+                entries.append((key, base64.b64decode(padded, validate=True)))
             except (binascii.Error, ValueError):
                 continue
         else:
