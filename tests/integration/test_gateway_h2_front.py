@@ -33,6 +33,7 @@ from tests.integration.test_gateway_support import (
     ModelServer,
     control_plane,
     metadata_dict,
+    open_stream,
     route,
     running_gateway,
     start_model_server,
@@ -340,7 +341,10 @@ def test_data_plane_flag(tmp_path: Path, flag: list[str], front: bool) -> None:
     assert config_from_args(args, {}, tmp_path).http2_front is front
 
 
-async def test_proxied_calls_are_forwarded_by_the_front_itself() -> None:
+@pytest.mark.parametrize("compression", [grpc.Compression.NoCompression, grpc.Compression.Gzip])
+async def test_proxied_calls_are_forwarded_by_the_front_itself(
+    compression: grpc.Compression,
+) -> None:
     # The instance sees who called it: the front's own client, not grpc.aio's channel.
     seen: list[dict[str, Any]] = []
 
@@ -360,14 +364,16 @@ async def test_proxied_calls_are_forwarded_by_the_front_itself() -> None:
         async with control_plane(*routes) as plane:
             for front in (True, False):
                 async with running_gateway(plane, http2_front=front) as gateway:
-                    async with grpc.aio.insecure_channel(gateway.address) as channel:
+                    async with grpc.aio.insecure_channel(
+                        gateway.address, compression=compression
+                    ) as channel:
                         call = channel.unary_unary("/test.Echo/Unary", None, None)(
-                            b"abc",
+                            b"abc" * 100,
                             metadata=(*AUTH, ("gpufleet-deployment", "echo-svc"),
                                       ("x-user", "alice")),
                             timeout=10,
                         )
-                        assert await call == b"cba"
+                        assert await call == b"cba" * 100
                         headers = metadata_dict(await call.initial_metadata())
                         assert headers[ROUTE_TARGET_KEY] == "svc-1"
     finally:
@@ -378,3 +384,25 @@ async def test_proxied_calls_are_forwarded_by_the_front_itself() -> None:
     for metadata in seen:
         assert metadata["x-user"] == "alice"
         assert "authorization" not in metadata and "gpufleet-deployment" not in metadata
+
+
+@pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate])
+async def test_compressed_calls_are_served(
+    gateway: Gateway, compression: grpc.Compression
+) -> None:
+    async with grpc.aio.insecure_channel(gateway.address, compression=compression) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        call = stub.ModelInfer(_request(1000, request_id="zip"), metadata=AUTH, timeout=10)
+        response = await call
+        assert response.id == "zip" and len(response.outputs[0].contents.int_contents) == 1000
+        headers = metadata_dict(await call.initial_metadata())
+        assert headers[ROUTE_TARGET_KEY] == "echo-1"
+        stream = open_stream(
+            stub.ModelStreamInfer, pb.ModelStreamInferResponse, metadata=AUTH, timeout=10
+        )
+        for index in range(3):
+            await stream.write(_request(request_id=str(index)))
+        await stream.done_writing()
+        replies = [reply async for reply in stream]
+    assert [r.infer_response.id for r in replies] == ["0", "1", "2"]
+    assert all(not r.error_message for r in replies)

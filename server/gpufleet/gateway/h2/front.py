@@ -21,6 +21,7 @@ import itertools
 import logging
 import ssl
 import time
+import zlib
 
 import grpc
 
@@ -57,6 +58,9 @@ _FAST_METHODS: dict[bytes, tuple[str, str, bool]] = {
     f"/{SERVICE_NAME}/ModelStreamInfer".encode(): ("model_stream_infer", "model_name", True),
 }
 _PROXY = ("proxy", "", False)
+# Message encodings the front reads (grpc-encoding); calls with others go to grpc.aio.
+_ENCODINGS = frozenset({b"", b"identity", b"gzip", b"deflate"})
+_ZLIB_WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
 # Served by the grpc.aio server itself whatever the metadata (grpc's own services, OIP).
 _SERVED_PREFIXES = (b"/grpc.", f"/{SERVICE_NAME}/".encode())
 _DEPLOYMENT_KEY = DEPLOYMENT_METADATA_KEY.encode()
@@ -144,7 +148,7 @@ class Front:
         path = b""
         method = b""
         content_type = b""
-        plain = True
+        encoding = b""
         te = False
         for name, value in headers:
             if name == b":path":
@@ -156,12 +160,12 @@ class Front:
             elif name == b"te":
                 te = value == b"trailers"
             elif name == gh.GRPC_ENCODING:
-                plain = value == b"identity"
+                encoding = value
         grpc_call = (
             not end_stream
             and method == b"POST"
             and te
-            and plain
+            and encoding in _ENCODINGS
             and (
                 content_type == b"application/grpc"
                 or content_type.startswith(b"application/grpc+")
@@ -170,10 +174,12 @@ class Front:
         if grpc_call:
             fast = _FAST_METHODS.get(path)
             if fast is not None:
-                return FastCall(self, connection, stream_id, path, fast)
+                return FastCall(self, connection, stream_id, path, fast, encoding=encoding)
             deployment = _proxied_deployment(path, headers)
             if deployment:
-                return FastCall(self, connection, stream_id, path, _PROXY, deployment)
+                return FastCall(
+                    self, connection, stream_id, path, _PROXY, deployment, encoding=encoding
+                )
         return Relay(self._internal_connection(connection), connection, stream_id)
 
     def _internal_connection(self, connection: H2Connection) -> H2Connection:
@@ -319,6 +325,8 @@ class FastCall:
         path: bytes,
         method: tuple[str, str, bool],
         proxied_to: str = "",
+        *,
+        encoding: bytes = b"",
     ) -> None:
         self._front = front
         self._client = client
@@ -340,6 +348,9 @@ class FastCall:
         # A transparent proxy call names its deployment in metadata: admitted on its
         # headers, its messages are never read.
         self._proxy = bool(proxied_to)
+        # Messages flagged compressed are inflated with this to read them, and forwarded
+        # as they came, with the encoding named to the instance.
+        self._encoding = b"" if encoding == b"identity" else encoding
         self._model = proxied_to
         self._headers_sent = False
         self._done = False
@@ -410,7 +421,7 @@ class FastCall:
     def _read_messages(self) -> None:
         buffer = self._buffer
         while len(buffer) >= _MESSAGE_PREFIX and not self._done:
-            if buffer[0] != 0:
+            if buffer[0] != 0 and not self._encoding:
                 self._refuse(CallError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "the request message is flagged compressed but the call set no "
@@ -431,7 +442,10 @@ class FastCall:
                 break
             if self._task is None and not self._upstream_id:
                 self._first_length = _MESSAGE_PREFIX + length
-                self._start(bytes(buffer[_MESSAGE_PREFIX : _MESSAGE_PREFIX + length]))
+                body = self._message_body(bytes(buffer[: _MESSAGE_PREFIX + length]))
+                if body is None:
+                    return
+                self._start(body)
                 if not self._streaming:
                     break  # unary: the rest goes to the instance as it is
                 # Streams: the first message is sent on admission with the buffer.
@@ -455,10 +469,40 @@ class FastCall:
             assert self._upstream is not None
             self._upstream.send_data(self._upstream_id, b"", True)
 
+    def _message_body(self, message: bytes) -> bytes | None:
+        """A whole message's protobuf bytes (inflated if flagged compressed); None after
+        refusing the call for a message that does not inflate within the size limit."""
+        body = message[_MESSAGE_PREFIX:]
+        if message[0] == 0:
+            return body
+        limit = self._front.max_message_bytes
+        inflater = zlib.decompressobj(_ZLIB_WBITS[self._encoding])
+        try:
+            inflated = inflater.decompress(body, limit + 1)
+        except zlib.error as err:
+            self._refuse(CallError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request message does not inflate as {self._encoding.decode()} "
+                f"({err}); compress it with the grpc-encoding the call names",
+                reason=INVALID_REQUEST,
+            ))
+            return None
+        if len(inflated) > limit:
+            self._refuse(CallError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the request message inflates to more than the gateway's maximum of "
+                f"{limit} bytes; send a smaller one",
+                reason=INVALID_REQUEST,
+            ))
+            return None
+        return inflated
+
     def _stream_message(self, message: bytes) -> None:
         """A later request on a stream: forwarded if it names the stream's model."""
         assert self._upstream is not None
-        body = message[_MESSAGE_PREFIX:]
+        body = self._message_body(message)
+        if body is None:
+            return
         try:
             other = read_string_field(body, _MODEL_NAME_FIELD) or ""
         except WireFormatError as err:
@@ -554,6 +598,8 @@ class FastCall:
         remaining = self._context.time_remaining()
         if remaining is not None:
             headers.append((gh.GRPC_TIMEOUT, gh.format_timeout(remaining)))
+        if self._encoding:
+            headers.append((gh.GRPC_ENCODING, self._encoding))
         headers += gh.request_headers_to_forward(self._headers)
         headers.append(_USER_AGENT)
         self._upstream = upstream
