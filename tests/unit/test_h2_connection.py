@@ -200,3 +200,34 @@ async def test_a_lost_connection_ends_every_open_stream(pair: Pair) -> None:
         await asyncio.wait_for(caller.ended.wait(), 5)
         assert caller.resets[0][0] == CONNECTION_LOST
     assert pair.client.closed and pair.client.stream_count() == 0
+
+
+async def test_bytes_queued_on_a_reset_stream_count_as_sent(pair: Pair) -> None:
+    # The handler gives a window back for every byte it queued, sent or dropped: else the
+    # connection its bytes came from would lose that much window for good.
+    stream_id = pair.client.open_stream(REQUEST, True, Recorder())
+    flush_dirty()
+    server, server_id, responder = await pair.next_server_stream()
+    server.send_headers(server_id, [(b":status", b"200")], False)
+    total = LOCAL_STREAM_WINDOW + 500_000
+    server.send_data(server_id, b"z" * total)
+    flush_dirty()
+    await until(lambda: responder.sent == LOCAL_STREAM_WINDOW)
+    assert server.queued_bytes(server_id) == 500_000
+    pair.client.reset_stream(stream_id, f.CANCEL)
+    flush_dirty()
+    await until(lambda: responder.sent == total)
+    assert responder.resets[0][0] == f.CANCEL
+
+
+async def test_bytes_queued_when_the_connection_is_lost_count_as_sent(pair: Pair) -> None:
+    sender = Recorder()
+    stream_id = pair.client.open_stream(REQUEST, False, sender)
+    pair.client.send_data(stream_id, b"q" * (LOCAL_STREAM_WINDOW + 1000))
+    flush_dirty()
+    await pair.next_server_stream()
+    await until(lambda: sender.sent == LOCAL_STREAM_WINDOW)
+    for connection in pair.server_connections:
+        connection.close()
+    await asyncio.wait_for(sender.ended.wait(), 5)
+    assert sender.sent == LOCAL_STREAM_WINDOW + 1000

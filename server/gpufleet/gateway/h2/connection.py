@@ -244,17 +244,20 @@ class H2Connection(asyncio.Protocol):
         if end_stream:
             self._close_local(stream)
 
-    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
-        """Queue data; it goes out as the windows allow (on_sent tells when)."""
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> bool:
+        """Queue data; it goes out as the windows allow (on_sent tells when). False: the
+        stream is gone or its side is closed, and nothing was queued (on_sent will not
+        come for these bytes)."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.local_closed or stream.end_pending:
-            return
+            return False
         if data:
             stream.pending.append(data)
             stream.pending_bytes += len(data)
         if end_stream:
             stream.end_pending = True
         self._pump(stream)
+        return True
 
     def queued_bytes(self, stream_id: int) -> int:
         """Bytes queued with send_data that the peer's windows have not let out yet."""
@@ -399,11 +402,22 @@ class H2Connection(asyncio.Protocol):
             self._forget(stream)
 
     def _forget(self, stream: _Stream) -> None:
-        stream.pending.clear()
+        self._drop_pending(stream)
         if not self._streams:
             self._idle.set()
             if self._close_when_idle:
                 self.close()
+
+    @staticmethod
+    def _drop_pending(stream: _Stream) -> None:
+        # Queued bytes that will never go out leave this connection all the same: the
+        # handler hears of them as sent, so that it gives their window back to the side
+        # they came from (else that connection's window would shrink for good).
+        dropped = stream.pending_bytes
+        stream.pending.clear()
+        stream.pending_bytes = 0
+        if dropped:
+            stream.events.on_sent(dropped)
 
     def close_when_idle(self) -> None:
         """Close once the last open stream ends (now if none is open)."""
@@ -618,6 +632,7 @@ class H2Connection(asyncio.Protocol):
         self._streams.clear()
         self._idle.set()
         for stream in streams:
+            self._drop_pending(stream)
             stream.events.on_reset(CONNECTION_LOST, reason)
         if self._on_closed is not None:
             self._on_closed(self)

@@ -216,6 +216,7 @@ class Relay:
         self._upstream_id = 0
         self._side = _UpstreamSide(self)
         self._done = False
+        self._answered = False
 
     def on_headers(self, headers: tuple[Header, ...], end_stream: bool) -> None:
         if self._upstream_id:
@@ -224,7 +225,8 @@ class Relay:
         self._upstream_id = self._upstream.open_stream(headers, end_stream, self._side)
 
     def on_data(self, data: bytes, end_stream: bool) -> None:
-        self._upstream.send_data(self._upstream_id, data, end_stream)
+        if not self._upstream.send_data(self._upstream_id, data, end_stream):
+            self._client.release_window(self._stream_id, len(data))
 
     def on_reset(self, error_code: int, reason: str) -> None:
         if not self._done:
@@ -236,13 +238,20 @@ class Relay:
 
     # upstream side
     def up_headers(self, headers: tuple[Header, ...], end_stream: bool) -> None:
+        self._answered = self._answered or end_stream
         self._client.send_headers(self._stream_id, headers, end_stream)
 
     def up_data(self, data: bytes, end_stream: bool) -> None:
-        self._client.send_data(self._stream_id, data, end_stream)
+        self._answered = self._answered or end_stream
+        if not self._client.send_data(self._stream_id, data, end_stream):
+            self._upstream.release_window(self._upstream_id, len(data))
 
     def up_reset(self, error_code: int, reason: str) -> None:
         if self._done:
+            return
+        if error_code == f.NO_ERROR and self._answered:
+            # The server answered in full and reads no more of the request: the answer,
+            # perhaps still queued for the client, must not be cut off.
             return
         self._done = True
         if error_code == CONNECTION_LOST or error_code == f.REFUSED_STREAM:
@@ -407,7 +416,12 @@ class FastCall:
         """Let the client send as much again as it sent, unless the front already holds
         too much of it: a message it has not read whole is always let in (it is bounded
         by max_message_bytes), more only while the instance's side keeps up."""
-        if not self._unreleased or self._done:
+        if not self._unreleased:
+            return
+        if self._done:
+            # The call is over: nothing is held for it any more.
+            self._client.release_window(self._stream_id, self._unreleased)
+            self._unreleased = 0
             return
         if self._upstream is not None:
             # What is left in the buffer is one message not yet whole: always let it in.
@@ -657,7 +671,9 @@ class FastCall:
             self._upstream.release_window(self._upstream_id, len(data))
             return
         if data:
-            self._client.send_data(self._stream_id, data, False)
+            if not self._client.send_data(self._stream_id, data, False):
+                assert self._upstream is not None
+                self._upstream.release_window(self._upstream_id, len(data))
             if self._streaming:
                 self._track_responses(data)
                 self._flush_injected()
@@ -766,6 +782,7 @@ class FastCall:
         _send_status(self._client, self._stream_id, code, message)
         self._done = True
         self._cancel_timer()
+        self._release_window()
 
     def _end(self, code: grpc.StatusCode, reason: str) -> None:
         if self._done:
@@ -774,6 +791,7 @@ class FastCall:
         self._cancel_timer()
         self._buffer.clear()
         self._injected.clear()
+        self._release_window()
         target = self._target
         if target is None:
             return
