@@ -275,6 +275,14 @@ class H2Connection(asyncio.Protocol):
 
     def release_window(self, stream_id: int, count: int) -> None:
         """`count` received bytes of the stream went on: let the peer send as many more."""
+        self.release_connection_window(count)
+        self.release_stream_window(stream_id, count)
+
+    def release_connection_window(self, count: int) -> None:
+        """The connection-level half of release_window. A proxy gives this back as soon as
+        bytes are handed to their stream, so that one stream whose reader is slow holds
+        back only itself (through its stream window), never the connection's other
+        streams."""
         if count <= 0 or self.closed:
             return
         self._conn_unacked += count
@@ -282,6 +290,11 @@ class H2Connection(asyncio.Protocol):
             self._queue(f.window_update(0, self._conn_unacked))
             self._recv_window += self._conn_unacked
             self._conn_unacked = 0
+
+    def release_stream_window(self, stream_id: int, count: int) -> None:
+        """The stream-level half of release_window."""
+        if count <= 0 or self.closed:
+            return
         stream = self._streams.get(stream_id)
         if stream is None or stream.remote_closed:
             return
@@ -408,6 +421,13 @@ class H2Connection(asyncio.Protocol):
             if self._close_when_idle:
                 self.close()
 
+    def _closed_by_peer_frame(self, stream: _Stream, kind: str) -> None:
+        # A frame after the peer ended its side is a stream error (RFC 9113, 5.1): the
+        # stream is reset, and its handler must end its work as for any reset.
+        self._streams.pop(stream.stream_id, None)
+        self._forget(stream)
+        stream.events.on_reset(f.STREAM_CLOSED, f"the peer sent {kind} after ending the stream")
+
     @staticmethod
     def _drop_pending(stream: _Stream) -> None:
         # Queued bytes that will never go out leave this connection all the same: the
@@ -474,10 +494,12 @@ class H2Connection(asyncio.Protocol):
             data = payload[1 : length - payload[0]]
         stream = self._streams.get(stream_id)
         if stream is None or stream.remote_closed:
-            self.release_window(0, length)
+            self.release_connection_window(length)
             if stream is None and stream_id > self._highest_seen():
                 raise _ConnectionError(f.PROTOCOL_ERROR, "DATA on an idle stream")
             self._queue(f.rst_stream(stream_id, f.STREAM_CLOSED))
+            if stream is not None:
+                self._closed_by_peer_frame(stream, "DATA")
             return
         if padding:
             self.release_window(stream_id, padding)
@@ -531,6 +553,7 @@ class H2Connection(asyncio.Protocol):
         if stream is not None:
             if stream.remote_closed:
                 self._queue(f.rst_stream(stream_id, f.STREAM_CLOSED))
+                self._closed_by_peer_frame(stream, "HEADERS")
                 return
             if end_stream:
                 self._close_remote(stream)

@@ -4,11 +4,17 @@ Calls of the inference methods that go to instances (ModelInfer, ModelMetadata,
 ModelStreamInfer) are served here: the request's first message gives the model name, the
 Dispatcher admits the call exactly as for the grpc.aio handlers, and the call's frames
 are then forwarded on one shared HTTP/2 connection per instance, bytes unchanged. So are
-transparent proxy calls, whose `gpufleet-deployment` metadata names the deployment. Every
-other stream (health, reflection, the gateway's own OIP answers, ModelReady, compressed
-calls, proxy calls naming no deployment) is relayed unchanged to the grpc.aio server on an internal loopback
-port, over one internal connection per client connection so that per-connection limits
-still see each client connection as one.
+transparent proxy calls, whose `gpufleet-deployment` metadata names the deployment.
+Messages compressed with gzip or deflate are inflated only to read them. Every other
+stream (health, reflection, the gateway's own OIP answers, ModelReady, other encodings,
+proxy calls naming no deployment) is relayed unchanged to the grpc.aio server on an
+internal loopback port, over one internal connection per client connection so that
+per-connection limits still see each client connection as one.
+
+Flow control: a connection's window is given back as soon as its bytes are handed to
+their stream, a stream's only once they moved on to the other side. So a slow reader, or
+a call waiting in the queue, holds back its own stream and never the other calls sharing
+its connection (the instance connection is shared by every client of the instance).
 
 Why: one grpc.aio hop costs as much CPU and latency as the instance's own gRPC server, so
 a grpc.aio gateway cannot stay within 2 x the latency of a direct call (bench/RESULTS.md).
@@ -225,8 +231,9 @@ class Relay:
         self._upstream_id = self._upstream.open_stream(headers, end_stream, self._side)
 
     def on_data(self, data: bytes, end_stream: bool) -> None:
+        self._client.release_connection_window(len(data))
         if not self._upstream.send_data(self._upstream_id, data, end_stream):
-            self._client.release_window(self._stream_id, len(data))
+            self._client.release_stream_window(self._stream_id, len(data))
 
     def on_reset(self, error_code: int, reason: str) -> None:
         if not self._done:
@@ -234,7 +241,7 @@ class Relay:
             self._upstream.reset_stream(self._upstream_id, f.CANCEL)
 
     def on_sent(self, count: int) -> None:
-        self._upstream.release_window(self._upstream_id, count)
+        self._upstream.release_stream_window(self._upstream_id, count)
 
     # upstream side
     def up_headers(self, headers: tuple[Header, ...], end_stream: bool) -> None:
@@ -243,8 +250,9 @@ class Relay:
 
     def up_data(self, data: bytes, end_stream: bool) -> None:
         self._answered = self._answered or end_stream
+        self._upstream.release_connection_window(len(data))
         if not self._client.send_data(self._stream_id, data, end_stream):
-            self._upstream.release_window(self._upstream_id, len(data))
+            self._upstream.release_stream_window(self._upstream_id, len(data))
 
     def up_reset(self, error_code: int, reason: str) -> None:
         if self._done:
@@ -263,7 +271,7 @@ class Relay:
             self._client.reset_stream(self._stream_id, error_code)
 
     def up_sent(self, count: int) -> None:
-        self._client.release_window(self._stream_id, count)
+        self._client.release_stream_window(self._stream_id, count)
 
 
 class _UpstreamSide:
@@ -397,8 +405,10 @@ class FastCall:
     def on_data(self, data: bytes, end_stream: bool) -> None:
         if end_stream:
             self._client_ended = True
+        # The connection's window comes back at once (see release_connection_window);
+        # the stream's only as the bytes move on.
+        self._client.release_connection_window(len(data))
         if self._done:
-            self._client.release_window(self._stream_id, len(data))
             return
         self._unreleased += len(data)
         if self._upstream_id and not self._streaming:
@@ -420,7 +430,7 @@ class FastCall:
             return
         if self._done:
             # The call is over: nothing is held for it any more.
-            self._client.release_window(self._stream_id, self._unreleased)
+            self._client.release_stream_window(self._stream_id, self._unreleased)
             self._unreleased = 0
             return
         if self._upstream is not None:
@@ -429,7 +439,7 @@ class FastCall:
         else:
             held = len(self._buffer) - max(self._first_length, 0)
         if self._first_length < 0 or held < _MAX_HELD_BYTES:
-            self._client.release_window(self._stream_id, self._unreleased)
+            self._client.release_stream_window(self._stream_id, self._unreleased)
             self._unreleased = 0
 
     def _read_messages(self) -> None:
@@ -479,8 +489,10 @@ class FastCall:
                     "the call ended before a complete request message; send one message",
                     reason=INVALID_REQUEST,
                 ))
-        elif self._upstream_id and self._streaming and self._client_ended and not buffer:
+        elif self._upstream_id and self._streaming and self._client_ended:
+            # A message cut off by the client's half-close is dropped, as grpc does.
             assert self._upstream is not None
+            buffer.clear()
             self._upstream.send_data(self._upstream_id, b"", True)
 
     def _message_body(self, message: bytes) -> bytes | None:
@@ -551,7 +563,7 @@ class FastCall:
             self._injected_bytes -= own
             count -= own
         if self._upstream is not None and count:
-            self._upstream.release_window(self._upstream_id, count)
+            self._upstream.release_stream_window(self._upstream_id, count)
 
     # -- admission -------------------------------------------------------------------
 
@@ -666,14 +678,13 @@ class FastCall:
         self._end(code, "" if code is grpc.StatusCode.OK else INSTANCE_STATUS)
 
     def up_data(self, data: bytes, end_stream: bool) -> None:
+        assert self._upstream is not None
+        self._upstream.release_connection_window(len(data))
         if self._done:
-            assert self._upstream is not None
-            self._upstream.release_window(self._upstream_id, len(data))
             return
         if data:
             if not self._client.send_data(self._stream_id, data, False):
-                assert self._upstream is not None
-                self._upstream.release_window(self._upstream_id, len(data))
+                self._upstream.release_stream_window(self._upstream_id, len(data))
             if self._streaming:
                 self._track_responses(data)
                 self._flush_injected()
