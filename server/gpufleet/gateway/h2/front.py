@@ -3,8 +3,9 @@
 Calls of the inference methods that go to instances (ModelInfer, ModelMetadata,
 ModelStreamInfer) are served here (forwarded_call.py): the request's first message gives
 the model name, the Dispatcher admits the call exactly as for the grpc.aio handlers, and
-the call's frames are then forwarded on one shared HTTP/2 connection per instance, bytes unchanged. So are
-transparent proxy calls, whose `gpufleet-deployment` metadata names the deployment.
+the call's frames are then forwarded on one shared HTTP/2 connection per instance, bytes
+unchanged. So are transparent proxy calls, whose `gpufleet-deployment` metadata names the
+deployment.
 Messages compressed with gzip or deflate are inflated only to read them. Every other
 stream (health, reflection, the gateway's own OIP answers, ModelReady, other encodings,
 proxy calls naming no deployment) is relayed unchanged (relay.py) to the grpc.aio server
