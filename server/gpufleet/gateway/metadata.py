@@ -23,7 +23,7 @@ DEPLOYMENT_METADATA_KEY = "gpufleet-deployment"
 AUTHORIZATION_METADATA_KEY = "authorization"
 STATUS_DETAILS_METADATA_KEY = "grpc-status-details-bin"
 
-_HOP_KEYS = frozenset(
+HOP_KEYS = frozenset(
     {
         "connection",
         "content-type",
@@ -37,14 +37,14 @@ _HOP_KEYS = frozenset(
         "user-agent",
     }
 )
-_GATEWAY_REQUEST_KEYS = frozenset(
+GATEWAY_REQUEST_KEYS = frozenset(
     {AUTHORIZATION_METADATA_KEY, DEPLOYMENT_METADATA_KEY, ROUTE_RULE_METADATA_KEY}
 )
-_KEPT_RESERVED_TRAILERS = frozenset({STATUS_DETAILS_METADATA_KEY, RETRY_PUSHBACK_METADATA_KEY})
+KEPT_RESERVED_TRAILERS = frozenset({STATUS_DETAILS_METADATA_KEY, RETRY_PUSHBACK_METADATA_KEY})
 
 
 def _hop_specific(key: str) -> bool:
-    return key.startswith((":", "grpc-")) or key in _HOP_KEYS
+    return key.startswith((":", "grpc-")) or key in HOP_KEYS
 
 
 def request_metadata_to_forward(metadata: Iterable[Metadatum] | None) -> tuple[Metadatum, ...]:
@@ -52,7 +52,7 @@ def request_metadata_to_forward(metadata: Iterable[Metadatum] | None) -> tuple[M
     return tuple(
         (key, value)
         for key, value in metadata or ()
-        if not _hop_specific(key) and key not in _GATEWAY_REQUEST_KEYS
+        if not _hop_specific(key) and key not in GATEWAY_REQUEST_KEYS
     )
 
 
@@ -74,7 +74,7 @@ def trailers_to_return(metadata: Iterable[Metadatum] | None) -> tuple[Metadatum,
     return tuple(
         (key, value)
         for key, value in metadata or ()
-        if key in _KEPT_RESERVED_TRAILERS or not _hop_specific(key)
+        if key in KEPT_RESERVED_TRAILERS or not _hop_specific(key)
     )
 
 

@@ -85,6 +85,7 @@ class ForwardedCall:
         proxied_to: str = "",
         *,
         encoding: bytes = b"",
+        timeout: bytes = b"",
     ) -> None:
         self._front = front
         self._client = client
@@ -93,6 +94,8 @@ class ForwardedCall:
         self._kind, self._field, self._streaming = method
         self._arrived_at = time.monotonic()
         self._headers: tuple[Header, ...] = ()
+        # grpc-timeout as the front read it from the headers (b"" for none).
+        self._timeout = timeout
         self._context: _Context | None = None
         self._buffer = bytearray()
         self._client_ended = False
@@ -124,12 +127,8 @@ class ForwardedCall:
     def on_headers(self, headers: tuple[Header, ...], end_stream: bool) -> None:
         if self._context is None:
             self._headers = headers
-            deadline = None
-            for name, value in headers:
-                if name == gh.GRPC_TIMEOUT:
-                    seconds = gh.parse_timeout(value)
-                    if seconds is not None:
-                        deadline = self._arrived_at + seconds
+            seconds = gh.parse_timeout(self._timeout) if self._timeout else None
+            deadline = None if seconds is None else self._arrived_at + seconds
             self._context = _Context(deadline, self._client.peer or f"h2-{id(self._client)}")
             if deadline is not None:
                 self._timer = asyncio.get_running_loop().call_at(

@@ -129,6 +129,7 @@ class Front:
         content_type = b""
         encoding = b""
         te = False
+        timeout = b""
         for name, value in headers:
             if name == b":path":
                 path = value
@@ -140,6 +141,8 @@ class Front:
                 te = value == b"trailers"
             elif name == gh.GRPC_ENCODING:
                 encoding = value
+            elif name == gh.GRPC_TIMEOUT:
+                timeout = value
         grpc_call = (
             not end_stream
             and method == b"POST"
@@ -153,11 +156,14 @@ class Front:
         if grpc_call:
             fast = _FAST_METHODS.get(path)
             if fast is not None:
-                return ForwardedCall(self, connection, stream_id, path, fast, encoding=encoding)
+                return ForwardedCall(
+                    self, connection, stream_id, path, fast, encoding=encoding, timeout=timeout
+                )
             deployment = _proxied_deployment(path, headers)
             if deployment:
                 return ForwardedCall(
-                    self, connection, stream_id, path, _PROXY, deployment, encoding=encoding
+                    self, connection, stream_id, path, _PROXY, deployment,
+                    encoding=encoding, timeout=timeout,
                 )
         return Relay(self._internal_connection(connection), connection, stream_id)
 

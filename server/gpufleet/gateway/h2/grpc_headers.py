@@ -12,13 +12,12 @@ import grpc
 
 from gpufleet.gateway.h2.hpack_codec import Header
 from gpufleet.gateway.metadata import (
-    AUTHORIZATION_METADATA_KEY,
-    DEPLOYMENT_METADATA_KEY,
-    STATUS_DETAILS_METADATA_KEY,
+    GATEWAY_REQUEST_KEYS,
+    HOP_KEYS,
+    KEPT_RESERVED_TRAILERS,
     Metadatum,
 )
-from gpufleet.gateway.errors import RETRY_PUSHBACK_METADATA_KEY
-from gpufleet.gateway.route_rules import ROUTE_RULE_METADATA_KEY, ROUTE_TARGET_METADATA_KEY
+from gpufleet.gateway.route_rules import ROUTE_TARGET_METADATA_KEY
 
 ROUTE_TARGET = ROUTE_TARGET_METADATA_KEY.encode()
 GRPC_STATUS = b"grpc-status"
@@ -28,30 +27,10 @@ GRPC_ENCODING = b"grpc-encoding"
 STATUS_200: Header = (b":status", b"200")
 CONTENT_TYPE_GRPC: Header = (b"content-type", b"application/grpc")
 
-_HOP_KEYS = frozenset(
-    {
-        b"connection",
-        b"content-type",
-        b"host",
-        b"keep-alive",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"user-agent",
-    }
-)
-_GATEWAY_REQUEST_KEYS = frozenset(
-    {
-        AUTHORIZATION_METADATA_KEY.encode(),
-        DEPLOYMENT_METADATA_KEY.encode(),
-        ROUTE_RULE_METADATA_KEY.encode(),
-    }
-)
-_KEPT_RESERVED_TRAILERS = frozenset(
-    {STATUS_DETAILS_METADATA_KEY.encode(), RETRY_PUSHBACK_METADATA_KEY.encode()}
-)
+# The rules of gateway/metadata.py, as wire bytes.
+_HOP_KEYS = frozenset(key.encode() for key in HOP_KEYS)
+_GATEWAY_REQUEST_KEYS = frozenset(key.encode() for key in GATEWAY_REQUEST_KEYS)
+_KEPT_RESERVED_TRAILERS = frozenset(key.encode() for key in KEPT_RESERVED_TRAILERS)
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _HTTP_TO_GRPC = {
     400: grpc.StatusCode.INTERNAL,
